@@ -1,0 +1,340 @@
+"""Typed run configuration: dataclasses, YAML files, ``key=value`` overrides, validation.
+
+A config file only needs the keys it changes; everything else takes the defaults below.
+Unknown keys and wrong types are rejected with the nearest valid key suggested, because a
+typo in a multi-day run's config should fail in the first second, not after the first epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loco.errors import LocoError
+
+
+@dataclass
+class DataConfig:
+    # "cifar10" | "clothing" (shipped, extracted from ../shared/data on first use) or "folder"
+    dataset: str = "cifar10"
+    # ImageFolder root holding <train_split>/<class>/* and <val_split>/<class>/*;
+    # empty means the shipped copy of `dataset`.
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 32
+    # SimCLR augmentation strengths
+    crop_scale_min: float = 0.08
+    color_jitter_prob: float = 0.8
+    color_jitter_strength: float = 1.0
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0  # 0.5 for 224 px ImageNet; off for 32 px
+    solarize_prob: float = 0.0
+    # images per class taken from the training split (0 = all); class-balanced, seeded
+    per_class: int = 0
+    # "pil" (CPU workers, torchvision.transforms.v2) or "tensor" (batched, on the GPU if any)
+    pipeline: str = "pil"
+    num_workers: int = 2
+    # normalisation stats used by the model input
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name
+    # 3x3 stride-1 stem, no max-pool (CIFAR SimCLR); "auto" = on when image_size <= 64
+    small_image: str = "auto"
+    # "stages" (timm feature_info stages; ResNet: conv1+res2 | res3 | res4 | res5),
+    # "blocks" (one local module per residual/transformer block), or a list of cut
+    # points (block indices where a new module starts), e.g. [2, 4, 6]
+    split: Any = "stages"
+    drop_path_rate: float = 0.0
+    sync_bn: bool = False
+
+
+@dataclass
+class DecoderConfig:
+    """The head on each local module (LoCo's decoder; SimCLR's projection head)."""
+
+    conv_block: bool = False  # one residual conv block with stride-2 before pooling
+    mlp_layers: int = 2  # 2 or 4 (paper's Table 4)
+    hidden_dim: int = 512
+    out_dim: int = 128
+
+
+@dataclass
+class MethodConfig:
+    name: str = "loco"  # e2e | greedy | loco | infopro
+    temperature: float = 0.2
+    gather_negatives: bool = True  # negatives from all ranks
+    # loco
+    first_stage_loss: bool = True
+    # "both": a shared stage is updated by its own loss and the loss above (the paper);
+    # "upper": by the loss above only (paper's Table 5 ablation)
+    shared_update: str = "both"
+    # infopro: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
+    # interpolated linearly from the first to the last local module
+    lambda1_first: float = 5.0
+    lambda1_last: float = 0.0
+    lambda2_first: float = 1.0
+    lambda2_last: float = 1.0
+    supervised: bool = False  # infopro: SupCon with labels instead of NT-Xent
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | sgd | adamw
+    batch_size: int = 256  # per process
+    base_lr: float = 0.3  # lr = base_lr * global_batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    epochs: int = 100
+    # overrides epochs when > 0 (short runs, tests, benchmarks)
+    max_steps: int = 0
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    deterministic: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500  # steps; a checkpoint is also written at each epoch end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint
+    progress: bool = True
+    # activation recomputation: "none" | "stage1" | "all" (block-sized segments)
+    recompute: str = "none"
+
+
+@dataclass
+class MonitorConfig:
+    """Representation quality while pretraining runs."""
+
+    online_linear: bool = True  # linear head on detached last-stage features
+    knn_every: int = 0  # steps between kNN monitors (0 = off)
+    knn_train_per_class: int = 100
+    knn_val_per_class: int = 50
+    knn_k: int = 20
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.pipeline": ("pil", "tensor"),
+    "model.small_image": ("auto", "true", "false"),
+    "method.name": ("e2e", "greedy", "loco", "infopro"),
+    "method.shared_update": ("both", "upper"),
+    "optim.name": ("lars", "sgd", "adamw"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.recompute": ("none", "stage1", "all"),
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int->float and str->number."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, list | tuple):
+            raise LocoError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, where) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except LocoError:
+                continue
+        raise LocoError(f"{where}: {value!r} does not match {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise LocoError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise LocoError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise LocoError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LocoError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        raise LocoError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise LocoError(f"unknown config key '{where}'{_suggest(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise LocoError(f"'{where}' is a section; give its keys, e.g. {where}.{names[0]}=...")
+            _apply(current, value, prefix=f"{where}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"config key '{where}'"))
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    if "=" not in text:
+        raise LocoError(f"override '{text}' is not key=value (e.g. optim.batch_size=128)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file, following ``_base_: other.yaml`` (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LocoError(f"config file '{path}' not found; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LocoError(f"config file '{path}' is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise LocoError(f"config file '{path}' must hold a mapping of sections")
+    base = data.pop("_base_", None)
+    if base:
+        return _merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then validated."""
+    cfg = Config()
+    if path:
+        _apply(cfg, read_yaml(path))
+    for text in overrides or []:
+        _apply(cfg, _parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for dotted, options in CHOICES.items():
+        section, key = dotted.split(".")
+        value = str(getattr(getattr(cfg, section), key)).lower()
+        if value not in options:
+            raise LocoError(
+                f"config key '{dotted}' = {value!r} is not one of {', '.join(options)}"
+                f"{_suggest(value, list(options)) if difflib.get_close_matches(value, options, 1, 0.5) else ''}"
+            )
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "optim.batch_size": cfg.optim.batch_size,
+        "decoder.out_dim": cfg.decoder.out_dim,
+        "decoder.hidden_dim": cfg.decoder.hidden_dim,
+        "method.temperature": cfg.method.temperature,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise LocoError(f"config key '{key}' must be > 0, got {value}")
+    if cfg.decoder.mlp_layers not in (1, 2, 3, 4):
+        raise LocoError(f"decoder.mlp_layers must be 1..4, got {cfg.decoder.mlp_layers}")
+    if not 0 < cfg.data.crop_scale_min <= 1:
+        raise LocoError(f"data.crop_scale_min must be in (0, 1], got {cfg.data.crop_scale_min}")
+    for key in ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        p = getattr(cfg.data, key)
+        if not 0 <= p <= 1:
+            raise LocoError(f"data.{key} is a probability in [0, 1], got {p}")
+    if cfg.optim.epochs <= 0 and cfg.optim.max_steps <= 0:
+        raise LocoError("set optim.epochs or optim.max_steps to a positive number")
+    if cfg.data.dataset not in ("cifar10", "clothing", "folder"):
+        raise LocoError(
+            f"data.dataset '{cfg.data.dataset}' unknown; use cifar10, clothing, or folder with data.root=PATH"
+        )
+    if cfg.data.dataset == "folder" and not cfg.data.root:
+        raise LocoError("data.dataset=folder needs data.root=PATH (an ImageFolder tree)")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise LocoError("data.mean and data.std need three values (RGB)")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,127 @@
+"""One process or many: initialise torch.distributed under torchrun, Slurm, or neither.
+
+The same training code runs everywhere; only where rank/world size come from differs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm node list such as ``gpu[01-04,07],cpu1`` (what ``scontrol show hostnames`` prints)."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"(.*?)\[([^\]]+)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-")
+                hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_env() -> DistInfo | None:
+    """Rank info from Slurm's task variables (srun / submitit), or None outside a step."""
+    if "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return None
+    world = int(os.environ["SLURM_NTASKS"])
+    if world <= 1:
+        return None
+    rank = int(os.environ["SLURM_PROCID"])
+    local = int(os.environ.get("SLURM_LOCALID", 0))
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+        try:
+            first = subprocess.run(
+                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = expand_nodelist(nodes)[0] if nodes else "127.0.0.1"
+        os.environ["MASTER_ADDR"] = first
+    if "MASTER_PORT" not in os.environ:
+        # same port on every task of a job, different between jobs sharing a node
+        job = int(os.environ.get("SLURM_JOB_ID", "0"))
+        os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+    return DistInfo(rank, local, world)
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise the default process group when launched with several processes."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+    info: DistInfo | None = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
+        info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    else:
+        info = _slurm_env()
+    if info is None:
+        return DistInfo()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(
+        backend, rank=info.rank, world_size=info.world_size, timeout=datetime.timedelta(minutes=30)
+    )
+    log.info("distributed: rank %d/%d (local %d), backend %s", info.rank, info.world_size, info.local_rank, backend)
+    return info
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of the gradients over ranks (local methods run several backwards per step, so
+    DDP's one-backward reducer does not fit; one coalesced all-reduce per step does)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,90 @@
+"""Losses as pure functions: ``embeddings -> scalar``.
+
+``nt_xent`` takes the two views stacked as ``[z_view1; z_view2]`` and, when a process
+group is initialised, uses the embeddings of *all* ranks as negatives, with gradients
+flowing back to the rank that produced them (the cross-rank mask is the most common bug
+in public SimCLR code; here positives are found by global index).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank and returns our slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Embeddings of all ranks (rank-major) and this rank's index in that list."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return _GatherWithGrad.apply(x), dist.get_rank()
+
+
+def _upcast(z: torch.Tensor) -> torch.Tensor:
+    """Similarities in at least fp32 (bf16 logits / temperature lose the ranking)."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
+    """SimCLR's NT-Xent loss for ``z = [z1; z2]`` (shape [2B, D]).
+
+    Each of the 2B local embeddings is a query; its positive is the other view of the
+    same image, its negatives the other 2(B*W)-2 embeddings of all W ranks.
+    """
+    z = F.normalize(_upcast(z), dim=1)
+    n = z.shape[0]
+    if n % 2:
+        raise ValueError("nt_xent expects two views stacked along the batch dimension")
+    keys, rank = gather_with_grad(z) if gather else (z, 0)
+    b = n // 2
+    local = torch.arange(n, device=z.device)
+    offset = rank * n
+    positives = offset + (local + b) % n
+    logits = z @ keys.T / temperature
+    logits[local, offset + local] = float("-inf")  # a query is not its own negative
+    return F.cross_entropy(logits, positives)
+
+
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) for ``z = [z1; z2]``.
+
+    ``labels`` has one entry per image (length B); every embedding with the same label is a
+    positive.
+    """
+    z = F.normalize(_upcast(z), dim=1)
+    n = z.shape[0]
+    labels = labels.repeat(2)
+    keys, rank = gather_with_grad(z) if gather else (z, 0)
+    key_labels, _ = gather_with_grad(labels.to(z.dtype)) if gather else (labels.to(z.dtype), 0)
+    local = torch.arange(n, device=z.device)
+    logits = z @ keys.T / temperature
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[local, rank * n + local] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    pos = (labels[:, None].to(z.dtype) == key_labels[None, :]) & ~self_mask
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    log_prob = log_prob.masked_fill(self_mask, 0.0)
+    return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
+
+
+def reconstruction_bce(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """InfoPro's reconstruction loss: BCE between sigmoid(logits) and the image in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(_upcast(logits), images.to(_upcast(logits).dtype))

@@ -1,0 +1,273 @@
+"""A timm backbone cut into K local modules.
+
+The timm model itself owns every parameter, so the backbone's state dict is exactly
+timm's (minus the classifier) and a pretrained loco backbone loads into
+``timm.create_model(name, num_classes=0)`` unchanged. The local modules are views over
+it: each is an ordered list of *units* (a stem, a residual block, a transformer block)
+addressed by their path in the timm model. Stage boundaries come from timm's
+``feature_info``, never from per-architecture lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from loco.config import ModelConfig
+from loco.errors import LocoError
+
+VIT_EMBED = "<embed>"  # pseudo-unit: patch embedding + position embedding of a ViT
+
+
+@dataclass(frozen=True)
+class Unit:
+    path: str  # module path in the timm model (or VIT_EMBED)
+    stage: int  # index of the timm feature stage it belongs to
+    is_block: bool = True  # False for stem parts, which join the first block
+
+
+class _ViTEmbed(nn.Module):
+    """Runs a timm ViT's token embedding; holds no parameters of its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_vit", model)  # not registered: the body owns it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self._vit
+        x = vit.patch_embed(x)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        return vit.norm_pre(x)
+
+
+def _is_small_image(cfg: ModelConfig, image_size: int) -> bool:
+    value = str(cfg.small_image).lower()
+    return image_size <= 64 if value == "auto" else value == "true"
+
+
+def _make_small_image(model: nn.Module, name: str) -> bool:
+    """CIFAR stem: 3x3 stride-1 conv, no max-pool. Returns False if the model has no such stem."""
+    conv = getattr(model, "conv1", None)
+    if isinstance(conv, nn.Conv2d) and hasattr(model, "maxpool"):
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        return True
+    stem = getattr(model, "stem", None)  # ConvNeXt-style patchify stem
+    if isinstance(stem, nn.Sequential) and isinstance(stem[0], nn.Conv2d):
+        c = stem[0]
+        stem[0] = nn.Conv2d(c.in_channels, c.out_channels, 3, 1, 1, bias=c.bias is not None)
+        return True
+    return False
+
+
+def _flatten(module: nn.Module, path: str) -> list[str]:
+    """Block-level paths inside a timm stage, where the stage is a plain sequence of blocks."""
+    if isinstance(module, nn.Sequential) and len(module) > 0:
+        return [f"{path}.{name}" for name, _ in module.named_children()]
+    blocks = getattr(module, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and isinstance(getattr(module, "downsample", None), nn.Module):
+        if type(module).forward.__qualname__.startswith(("ConvNeXtStage",)):
+            return [f"{path}.downsample"] + [f"{path}.blocks.{n}" for n, _ in blocks.named_children()]
+    return [path]
+
+
+def _walk_units(model: nn.Module) -> list[Unit]:
+    """Execution-ordered units of a timm model up to its last feature stage."""
+    info = model.feature_info
+    names = [f["module"] for f in info]
+    reductions = [f["reduction"] for f in info]
+    # stage boundaries: feature points past the stem (reduction >= 4); ViT-like models with
+    # many equal-stride blocks are grouped into 4 stages.
+    bounds = [n for n, r in zip(names, reductions) if r >= 4] or names[-1:]
+    if len(bounds) > 5 and len(set(reductions)) == 1:
+        step = len(bounds) / 4
+        bounds = [bounds[round(step * (i + 1)) - 1] for i in range(4)]
+    last = names[-1]
+
+    paths: list[str] = []
+
+    def visit(mod: nn.Module, prefix: str) -> bool:  # returns True once `last` is reached
+        for child_name, child in mod.named_children():
+            path = f"{prefix}{child_name}"
+            if any(n.startswith(path + ".") for n in names):
+                if visit(child, path + "."):
+                    return True
+                continue
+            if path in names:
+                paths.extend(_flatten(child, path))
+            else:
+                paths.append(path)
+            if path == last:
+                return True
+        return False
+
+    if hasattr(model, "_pos_embed"):  # ViT: replace the embedding modules by one pseudo-unit
+        paths.append(VIT_EMBED)
+        visit(model.blocks, "blocks.")
+    else:
+        visit(model, "")
+
+    units, stage = [], 0
+    for path in paths:
+        owner = path if path in bounds else next((b for b in bounds if path.startswith(b + ".")), None)
+        units.append(Unit(path, stage, is_block=owner is not None))
+        is_last_of_bound = owner is not None and (
+            path == owner or not any(p.startswith(owner + ".") for p in paths[paths.index(path) + 1 :])
+        )
+        if is_last_of_bound and stage < len(bounds) - 1:
+            stage += 1
+    return units
+
+
+def resolve_split(units: list[Unit], split: object) -> list[list[Unit]]:
+    """Group units into local modules: "stages", "blocks", or a list of cut points."""
+    n_stages = max(u.stage for u in units) + 1
+    # a block = a unit after the stem; the stem is merged into the first block
+    first_block = next(i for i, u in enumerate(units) if u.is_block)
+    if split == "stages":
+        groups = [[u for u in units if u.stage == s] for s in range(n_stages)]
+        return [g for g in groups if g]
+    if split == "blocks":
+        cuts = list(range(first_block + 1, len(units)))
+    elif isinstance(split, int) and not isinstance(split, bool):
+        k = split
+        n_blocks = len(units) - first_block
+        if not 1 <= k <= n_blocks:
+            raise LocoError(
+                f"model.split={k} local modules is impossible: this backbone has {n_blocks} blocks; "
+                f"use 1..{n_blocks}, 'stages' or 'blocks'"
+            )
+        cuts = [first_block + round(i * n_blocks / k) for i in range(1, k)]
+    elif isinstance(split, Sequence) and not isinstance(split, str):
+        n_blocks = len(units) - first_block
+        try:
+            blocks = [int(c) for c in split]
+        except (TypeError, ValueError):
+            raise LocoError(f"model.split cut points must be integers, got {list(split)}") from None
+        if blocks != sorted(set(blocks)) or not all(0 < c < n_blocks for c in blocks):
+            raise LocoError(
+                f"model.split cut points {blocks} are invalid: give increasing block indices in "
+                f"1..{n_blocks - 1} (this backbone has {n_blocks} blocks; a module starts at each cut)"
+            )
+        cuts = [first_block + c for c in blocks]
+    else:
+        raise LocoError(
+            f"model.split={split!r} not understood; use 'stages', 'blocks', a number of modules, "
+            "or a list of block indices such as [2, 4, 6]"
+        )
+    edges = [0, *cuts, len(units)]
+    return [units[a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+
+class StagedBackbone(nn.Module):
+    """A timm model plus a split into local modules.
+
+    ``forward_module(k, x)`` runs local module k; ``forward(x)`` runs them all and returns
+    every module's output (feature maps ``[B,C,H,W]``, or tokens ``[B,N,C]`` for ViTs).
+    """
+
+    def __init__(self, model: nn.Module, groups: list[list[Unit]], name: str, image_size: int):
+        super().__init__()
+        self.body = model
+        self.name = name
+        self.groups = groups
+        self.recompute: list[bool] = [False] * len(groups)
+        self._embed = _ViTEmbed(model) if hasattr(model, "_pos_embed") else None
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            outs = self.forward(torch.zeros(1, 3, image_size, image_size))
+            model.train(was_training)
+        self.channels = [o.shape[-1] if o.dim() == 3 else o.shape[1] for o in outs]
+        self.reductions = [image_size // o.shape[-1] if o.dim() == 4 else 0 for o in outs]
+        self.image_size = image_size
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.groups)
+
+    def unit_module(self, unit: Unit) -> nn.Module:
+        if unit.path == VIT_EMBED:
+            assert self._embed is not None
+            return self._embed
+        return self.body.get_submodule(unit.path)
+
+    def module_parameters(self, k: int) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for unit in self.groups[k]:
+            if unit.path == VIT_EMBED:
+                vit = self.body
+                params = [*vit.patch_embed.parameters(), *vit.norm_pre.parameters()]
+                params += [p for n, p in vit.named_parameters(recurse=False)]  # cls/pos tokens
+            else:
+                params = list(self.unit_module(unit).parameters())
+            for p in params:
+                seen.setdefault(id(p), p)
+        return [p for p in seen.values() if p.requires_grad]
+
+    def forward_module(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.groups[k]:
+            mod = self.unit_module(unit)
+            if self.recompute[k] and self.training and torch.is_grad_enabled():
+                x = checkpoint(mod, x, use_reentrant=False)
+            else:
+                x = mod(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for k in range(self.num_modules):
+            x = self.forward_module(k, x)
+            outs.append(x)
+        return outs
+
+    def iter_modules(self) -> Iterator[int]:
+        return iter(range(self.num_modules))
+
+    def describe(self) -> str:
+        rows = []
+        for k, g in enumerate(self.groups):
+            first, last = g[0].path, g[-1].path
+            span = first if first == last else f"{first} .. {last}"
+            rows.append(f"  S{k + 1}: {span} ({len(g)} units) -> {self.channels[k]} ch")
+        return "\n".join(rows)
+
+
+def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
+    """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``."""
+    kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False}
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if "vit" in cfg.backbone or "deit" in cfg.backbone:
+        kwargs["img_size"] = image_size
+        kwargs["dynamic_img_size"] = True
+    try:
+        model = timm.create_model(cfg.backbone, **kwargs)
+    except RuntimeError as exc:
+        close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
+        raise LocoError(f"unknown timm backbone '{cfg.backbone}' ({exc}){hint}") from None
+    except TypeError as exc:
+        raise LocoError(f"timm backbone '{cfg.backbone}' rejected its options: {exc}") from None
+    if not getattr(model, "feature_info", None):
+        raise LocoError(
+            f"timm backbone '{cfg.backbone}' has no feature_info, so its stages are unknown; "
+            "pick a model with feature support (timm.list_models(pretrained=False))"
+        )
+    if _is_small_image(cfg, image_size) and not _make_small_image(model, cfg.backbone):
+        if str(cfg.small_image).lower() == "true":
+            raise LocoError(
+                f"model.small_image=true is not supported for '{cfg.backbone}' (no conv1/maxpool "
+                "or stem conv); set model.small_image=false"
+            )
+    units = _walk_units(model)
+    groups = resolve_split(units, cfg.split)
+    if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return StagedBackbone(model, groups, cfg.backbone, image_size)

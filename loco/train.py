@@ -1,0 +1,365 @@
+"""``loco pretrain``: the training loop.
+
+config -> data -> staged backbone -> method.training_step -> optimizer -> checkpoint.
+The method leaves gradients in ``.grad`` (local methods call autograd per module); the
+loop averages them over ranks, steps the optimizer and the per-iteration schedule, logs
+JSONL metrics, and writes atomic checkpoints from which a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from loco import checkpoint as ckpt
+from loco.config import Config, config_from_dict, dump_yaml, load_config
+from loco.data.loaders import build_pretrain_loader
+from loco.distributed import DistInfo, average_gradients, barrier, init_distributed
+from loco.errors import LocoError
+from loco.methods import Method, build_method
+from loco.models.backbone import build_backbone
+from loco.monitor import OnlineProbe
+from loco.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("loco.train")
+
+COMPARED_ON_RESUME = ("model", "method", "decoder")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config (see configs/); defaults if omitted")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="dotted overrides, e.g. method.name=greedy optim.batch_size=128 train.output_dir=runs/x",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg))
+        return 0
+    pretrain(cfg)
+    return 0
+
+
+# -- environment ------------------------------------------------------------------------
+def resolve_device(cfg: Config, info: DistInfo) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise LocoError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", info.local_rank)
+
+
+def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaling needed); fp32 on CPU unless asked."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def git_revision() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class StopFlag:
+    """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop saves a checkpoint after the current step."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# -- the run -----------------------------------------------------------------------------
+class MetricsWriter:
+    """JSONL metrics (always) and TensorBoard events (when tensorboard is installed)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Pretrainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.info = init_distributed()
+        self.device = resolve_device(cfg, self.info)
+        self.run_dir = Path(cfg.train.output_dir)
+        torch.manual_seed(cfg.train.seed + self.info.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.loader = build_pretrain_loader(cfg, rank=self.info.rank, world_size=self.info.world_size)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise LocoError(
+                f"optim.batch_size={cfg.optim.batch_size} is larger than the training set "
+                f"({len(self.loader.dataset)} images per process); lower it"
+            )
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+
+        backbone = build_backbone(cfg.model, cfg.data.image_size)
+        if cfg.train.recompute != "none":
+            for k in range(backbone.num_modules):
+                backbone.recompute[k] = cfg.train.recompute == "all" or k == 0
+        self.method: Method = build_method(backbone, cfg).to(self.device)
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.method, cfg.optim, self.info.world_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        self.probe = (
+            OnlineProbe(backbone.channels[-1], self.loader.dataset_num_classes).to(self.device)
+            if cfg.monitor.online_linear
+            else None
+        )
+        self.params = [p for p in self.method.parameters() if p.requires_grad]
+        self.step = 0
+        self.metrics = MetricsWriter(self.run_dir, self.info.is_main)
+        self.skipped_images: list[str] = []
+        self.skipped_count = 0
+        if cfg.train.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile each local module separately (graph breaks stay at module edges)."""
+        body = self.method.backbone.body
+        for name, child in list(body.named_children()):
+            setattr(body, name, torch.compile(child))
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "backbone": self.method.backbone.body.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "probe": self.probe.state_dict() if self.probe else None,
+            "step": self.step,
+            "rng": ckpt.rng_state(),
+            "config": self.cfg.to_dict(),
+            "meta": {
+                "backbone": self.cfg.model.backbone,
+                "method": self.cfg.method.name,
+                "channels": self.method.backbone.channels,
+                "image_size": self.cfg.data.image_size,
+                "world_size": self.info.world_size,
+                "git": git_revision(),
+            },
+        }
+
+    def save(self) -> None:
+        if self.info.is_main:
+            path = ckpt.save_run_checkpoint(self.run_dir, self.state_dict(), self.step, self.cfg.train.keep_checkpoints)
+            log.info("checkpoint: %s (step %d)", path, self.step)
+        barrier()
+
+    def maybe_resume(self) -> None:
+        path = ckpt.find_resume(self.run_dir, self.cfg.train.resume)
+        if path is None:
+            return
+        state = ckpt.load(path)
+        old = config_from_dict(state.get("config", {}))
+        for section in COMPARED_ON_RESUME:
+            if getattr(old, section) != getattr(self.cfg, section):
+                raise LocoError(
+                    f"checkpoint {path} was made with a different '{section}' config; "
+                    f"use a new train.output_dir or train.resume=none"
+                )
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as exc:
+            raise LocoError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.probe and state.get("probe"):
+            self.probe.load_state_dict(state["probe"])
+        self.step = int(state["step"])
+        ckpt.set_rng_state(state["rng"])
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
+
+    # -- loop -------------------------------------------------------------------------
+    def batches(self):
+        """(epoch, batch) pairs from the current step on, skipping what was already seen."""
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        while True:
+            for batch in self.loader.epoch(epoch, skip_batches=skip):
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+    def train_step(self, batch) -> dict[str, float]:
+        views, labels, bad = batch
+        if bad:
+            self.skipped_count += len(bad)
+            self.skipped_images += bad[: max(0, 5 - len(self.skipped_images))]
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        labels = labels.to(self.device, non_blocking=True)
+        self.scheduler.step_update(self.step)
+        self.method.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_for(self.cfg, self.device):
+            out = self.method.training_step(views, labels)
+        average_gradients(self.params)
+        if self.cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        values = {k: float(v) for k, v in out.losses.items()}
+        if self.probe is not None:
+            values.update(self.probe.step(out.features, labels.repeat(len(views))))
+        values["lr"] = self.optimizer.param_groups[0]["lr"]
+        return values
+
+    def fit(self) -> Path:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            log.info("loco %s | git %s | run dir %s", cfg.method.name, git_revision(), self.run_dir)
+            log.info("resolved config:\n%s", dump_yaml(cfg))
+            log.info(
+                "backbone %s split into %d local modules:\n%s",
+                cfg.model.backbone, self.method.backbone.num_modules, self.method.backbone.describe(),
+            )
+        self.maybe_resume()
+        if self.step >= self.total_steps:
+            log.info("already finished (%d steps)", self.step)
+            return self.run_dir
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc=f"pretrain {cfg.method.name}",
+            disable=not (cfg.train.progress and self.info.is_main), dynamic_ncols=True, file=sys.stderr,
+        )
+        images = cfg.optim.batch_size * self.info.world_size
+        t_last, n_last = time.perf_counter(), self.step
+        last_saved = self.step
+        with StopFlag() as stop:
+            for batch in self.batches():
+                values = self.train_step(batch)
+                self.step += 1
+                bar.update(1)
+                if not all(math.isfinite(v) for v in values.values()):
+                    self.save_failure(values)
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    values["img_per_s"] = images * (self.step - n_last) / max(now - t_last, 1e-9)
+                    values["epoch"] = self.step / self.steps_per_epoch
+                    values["peak_mem_mb"] = peak_memory_mb(self.device)
+                    t_last, n_last = now, self.step
+                    self.metrics.write(self.step, values)
+                    bar.set_postfix({k.replace("loss/", ""): f"{v:.3f}" for k, v in values.items() if k.startswith("loss/")}
+                                    | {"img/s": f"{values['img_per_s']:.0f}"})
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                if self.step == self.total_steps or self.step % cfg.train.ckpt_every == 0 or end_of_epoch:
+                    self.save()
+                    last_saved = self.step
+                if stop.requested or self.step >= self.total_steps:
+                    break
+            if stop.requested:
+                if last_saved != self.step:
+                    self.save()
+                bar.close()
+                log.warning("stopped by %s at step %d; resume with train.resume=auto", stop.requested, self.step)
+                self.metrics.close()
+                raise SystemExit(143 if stop.requested == "SIGTERM" else 130)
+        bar.close()
+        if self.skipped_count:
+            log.warning("skipped %d unreadable images (first: %s)", self.skipped_count, ", ".join(self.skipped_images))
+        self.metrics.close()
+        return self.run_dir
+
+    def save_failure(self, values: dict[str, float]) -> None:
+        raise LocoError(
+            f"non-finite loss at step {self.step} ({values}); lower optim.base_lr or raise "
+            "method.temperature, then resume from the last checkpoint"
+        )
+
+
+def pretrain(cfg: Config) -> Path:
+    """Run (or resume) a pretraining run; returns its run directory."""
+    return Pretrainer(cfg).fit()
