@@ -35,9 +35,11 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    # numpy's state as plain tensors/ints so that weights_only loading accepts it
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -47,7 +49,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -89,7 +92,9 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or pickled code
-        raise LocoError(f"cannot read checkpoint '{path}': {str(exc).splitlines()[0]}") from None
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Unpickler error" in ln), lines[0] if lines else repr(exc))
+        raise LocoError(f"cannot read checkpoint '{path}': {reason.strip()}") from None
     if not isinstance(obj, dict):
         raise LocoError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
     return obj

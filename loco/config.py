@@ -58,6 +58,9 @@ class ModelConfig:
     split: Any = "stages"
     drop_path_rate: float = 0.0
     sync_bn: bool = False
+    # extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256], stem_width: 32}
+    # for a half-width ResNet that trains on 2 CPU cores
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +171,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; allow int->float and str->number."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise LocoError(f"{where}: expected a mapping such as {{key: value}}, got {value!r}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from loco import checkpoint as ckpt
 from loco.config import Config, config_from_dict, dump_yaml, load_config
-from loco.data.loaders import build_pretrain_loader
+from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
 from loco.distributed import DistInfo, average_gradients, barrier, init_distributed
 from loco.errors import LocoError
 from loco.methods import Method, build_method
@@ -175,12 +175,7 @@ class Pretrainer:
             torch.backends.cudnn.benchmark = True
 
         self.loader = build_pretrain_loader(cfg, rank=self.info.rank, world_size=self.info.world_size)
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
-            raise LocoError(
-                f"optim.batch_size={cfg.optim.batch_size} is larger than the training set "
-                f"({len(self.loader.dataset)} images per process); lower it"
-            )
+        self.steps_per_epoch = steps_per_epoch(self.loader)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
         backbone = build_backbone(cfg.model, cfg.data.image_size)
@@ -193,7 +188,7 @@ class Pretrainer:
         self.optimizer = build_optimizer(self.method, cfg.optim, self.info.world_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
         self.probe = (
-            OnlineProbe(backbone.channels[-1], self.loader.dataset_num_classes).to(self.device)
+            OnlineProbe(backbone.channels[-1], len(self.loader.dataset.classes)).to(self.device)
             if cfg.monitor.online_linear
             else None
         )
@@ -268,8 +263,8 @@ class Pretrainer:
         """(epoch, batch) pairs from the current step on, skipping what was already seen."""
         epoch, skip = divmod(self.step, self.steps_per_epoch)
         while True:
-            for batch in self.loader.epoch(epoch, skip_batches=skip):
-                yield batch
+            set_loader_epoch(self.loader, epoch, skip)
+            yield from self.loader
             epoch, skip = epoch + 1, 0
 
     def train_step(self, batch) -> dict[str, float]:

@@ -241,7 +241,7 @@ class StagedBackbone(nn.Module):
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
     """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``."""
-    kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False}
+    kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False, **cfg.kwargs}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if "vit" in cfg.backbone or "deit" in cfg.backbone:

@@ -1,0 +1,105 @@
+"""The training loop on real images: falling loss, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from loco import checkpoint as ckpt
+from loco.config import load_config
+from loco.errors import LocoError
+from loco.train import Pretrainer, pretrain
+
+TINY = ["model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "decoder.hidden_dim=64", "decoder.out_dim=32"]
+
+
+def tiny_cfg(root, out, *extra):
+    return load_config(
+        None,
+        [
+            f"data.root={root}", "data.dataset=folder", "data.train_split=val", "data.per_class=4",
+            "data.image_size=16", "data.num_workers=0", "optim.batch_size=8", "optim.warmup_epochs=0",
+            f"train.output_dir={out}", "train.progress=false", "train.log_every=1", "train.deterministic=true",
+            *TINY, *extra,
+        ],
+    )
+
+
+def weights(run_dir):
+    return ckpt.load(run_dir / "checkpoint.pt")["method"]
+
+
+@pytest.mark.parametrize("method", ["loco", "greedy"])
+def test_resume_after_sigterm_equals_uninterrupted(cifar_val_root, tmp_path, method):
+    full = tiny_cfg(cifar_val_root, tmp_path / "full", "optim.max_steps=8", f"method.name={method}")
+    pretrain(full)
+
+    part = tiny_cfg(cifar_val_root, tmp_path / "part", "optim.max_steps=8", f"method.name={method}")
+    trainer = Pretrainer(part)
+    original = trainer.train_step
+
+    def step_then_preempt(batch):
+        values = original(batch)
+        if trainer.step == 4:  # the 5th step (0-based 4) is running: SIGTERM arrives mid-run
+            os.kill(os.getpid(), signal.SIGTERM)
+        return values
+
+    trainer.train_step = step_then_preempt
+    with pytest.raises(SystemExit):
+        trainer.fit()
+    assert ckpt.load(tmp_path / "part" / "checkpoint.pt")["step"] == 5
+    pretrain(part)  # resume=auto
+
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), "metrics must have each step exactly once"
+
+
+def test_loss_falls_on_real_images(cifar_val_root, tmp_path):
+    cfg = tiny_cfg(cifar_val_root, tmp_path / "run", "optim.max_steps=30", "data.per_class=8",
+                   "optim.batch_size=32", "optim.name=adamw", "optim.base_lr=0.004", "optim.weight_decay=0")
+    pretrain(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["loss/s4"] for r in rows[:5]) / 5
+    last = sum(r["loss/s4"] for r in rows[-5:]) / 5
+    assert last < first - 0.05, (first, last)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resume_rejects_other_model(cifar_val_root, tmp_path):
+    pretrain(tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=1"))
+    other = tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=2", "method.name=greedy")
+    with pytest.raises(LocoError, match="different 'method' config"):
+        pretrain(other)
+
+
+def test_checkpoint_loading_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(LocoError, match="cannot read checkpoint"):
+        ckpt.load(bad)
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=0)
+    state = timm.create_model("resnet34", num_classes=0).state_dict()
+    with pytest.raises(LocoError, match="does not fit this backbone.*unexpected keys"):
+        ckpt.load_backbone_weights(model, state, "r34.pt")
+
+
+def test_atomic_save_keeps_old_checkpoint_on_failure(tmp_path, monkeypatch):
+    ckpt.save_run_checkpoint(tmp_path, {"step": 1}, 1)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ckpt.save_run_checkpoint(tmp_path, {"step": 2}, 2)
+    assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 1
