@@ -14,28 +14,34 @@ import torch.nn.functional as F
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradients of every rank and returns our slice."""
+    """all_gather (ranks may hold different row counts, e.g. after skipped images) whose
+    backward sums the gradients of every rank and returns this rank's rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(out)
+    def forward(ctx, x: torch.Tensor, counts: list[int], start: int) -> torch.Tensor:  # type: ignore[override]
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        out = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(out, padded.contiguous())
+        ctx.start, ctx.n = start, x.shape[0]
+        return torch.cat([o[:c] for o, c in zip(out, counts)])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        return grad[ctx.start : ctx.start + ctx.n], None, None
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Embeddings of all ranks (rank-major) and this rank's index in that list."""
+    """Rows of all ranks (rank-major) and the offset of this rank's rows in them."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    return _GatherWithGrad.apply(x), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    counts = [int(s) for s in sizes]
+    start = sum(counts[: dist.get_rank()])
+    return _GatherWithGrad.apply(x, counts, start), start
 
 
 def _upcast(z: torch.Tensor) -> torch.Tensor:
@@ -53,10 +59,9 @@ def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.T
     n = z.shape[0]
     if n % 2:
         raise ValueError("nt_xent expects two views stacked along the batch dimension")
-    keys, rank = gather_with_grad(z) if gather else (z, 0)
+    keys, offset = gather_with_grad(z) if gather else (z, 0)
     b = n // 2
     local = torch.arange(n, device=z.device)
-    offset = rank * n
     positives = offset + (local + b) % n
     logits = z @ keys.T / temperature
     logits[local, offset + local] = float("-inf")  # a query is not its own negative
@@ -72,12 +77,12 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float, gather: bo
     z = F.normalize(_upcast(z), dim=1)
     n = z.shape[0]
     labels = labels.repeat(2)
-    keys, rank = gather_with_grad(z) if gather else (z, 0)
+    keys, offset = gather_with_grad(z) if gather else (z, 0)
     key_labels, _ = gather_with_grad(labels.to(z.dtype)) if gather else (labels.to(z.dtype), 0)
     local = torch.arange(n, device=z.device)
     logits = z @ keys.T / temperature
     self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[local, rank * n + local] = True
+    self_mask[local, offset + local] = True
     logits = logits.masked_fill(self_mask, float("-inf"))
     pos = (labels[:, None].to(z.dtype) == key_labels[None, :]) & ~self_mask
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
