@@ -14,3 +14,20 @@ def cifar_val_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from loco.data.shipped import prepare_shipped
 
     return prepare_shipped("cifar10", tmp_path_factory.mktemp("loco-cache"), splits=["val"])
+
+
+@pytest.fixture(scope="session")
+def tiny_folder_root(cifar_val_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageFolder root with ``train/`` (4 per class) and ``val/`` (2 per class): symlinks to
+    real CIFAR-10 images, 10 classes, 32 px. Small enough for a forward pass in a second."""
+    import os
+
+    root = tmp_path_factory.mktemp("tiny-folder")
+    src = cifar_val_root / "val"
+    for cls in sorted(os.listdir(src)):
+        files = sorted(os.listdir(src / cls))
+        for split, chosen in (("train", files[:4]), ("val", files[500:502])):
+            (root / split / cls).mkdir(parents=True)
+            for name in chosen:
+                os.symlink(src / cls / name, root / split / cls / name)
+    return root

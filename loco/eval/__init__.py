@@ -1,0 +1,39 @@
+"""Evaluation of frozen backbones per stage: cached features, weighted kNN, linear probes,
+``results.json`` and reports.
+
+Submodules are imported on first use (``loco --help`` must not import faiss)::
+
+    from loco.eval import evaluate_run, extract_features, knn_evaluate
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "evaluate_run": "loco.eval.cli",
+    "FeatureSet": "loco.eval.features",
+    "Source": "loco.eval.features",
+    "extract_features": "loco.eval.features",
+    "load_backbone": "loco.eval.features",
+    "FeatureBank": "loco.eval.knn",
+    "KNNProtocol": "loco.eval.knn",
+    "PROTOCOLS": "loco.eval.knn",
+    "knn_evaluate": "loco.eval.knn",
+    "PRESETS": "loco.eval.linear",
+    "linear_probe_augmented": "loco.eval.linear",
+    "linear_probe_cached": "loco.eval.linear",
+    "preset_for": "loco.eval.linear",
+    "format_table": "loco.eval.results",
+    "read_results": "loco.eval.results",
+    "write_results": "loco.eval.results",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'loco.eval' has no attribute {name!r}")

@@ -1,0 +1,164 @@
+"""``loco report RUN_DIRS...``: merge the ``results.json`` of several runs into one table.
+
+One line per (run, method, protocol, k/lr), one column per stage with top-1 (top-5),
+in markdown; ``--plot`` adds a PNG bar chart of top-1 per stage, one bar per method,
+one panel per protocol (matplotlib, Agg backend: no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loco.errors import LocoError
+from loco.eval.results import RESULTS, param_text, read_results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run dirs (or results.json files)"
+    )
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--plot", help="PNG bar chart of top-1 per stage per method")
+    parser.add_argument(
+        "--protocol", action="append", help="only these protocols (repeatable), e.g. knn-dino"
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="every k / lr, not only each protocol's headline"
+    )
+
+
+def load_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Rows of every run, each tagged with ``run`` (its directory name)."""
+    rows = []
+    for run in runs:
+        path = Path(run)
+        label = path.parent.name if path.name == RESULTS else path.name
+        for r in read_results(path):
+            rows.append({**r, "run": label})
+    return rows
+
+
+def _select(
+    rows: list[dict[str, Any]], protocols: Sequence[str] | None, all_rows: bool
+) -> list[dict[str, Any]]:
+    out = [
+        r
+        for r in rows
+        if (all_rows or r.get("primary", True)) and (not protocols or r["protocol"] in protocols)
+    ]
+    if not out:
+        raise LocoError(
+            f"no results match protocol(s) {', '.join(protocols or [])}; "
+            f"present: {', '.join(sorted({r['protocol'] for r in rows}))}"
+        )
+    return out
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """(run, method, backbone, dataset, protocol, k/lr) -> stage -> row."""
+    groups: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        param = "" if r.get("lr") is not None and r.get("k") is None else param_text(r)
+        key = (r["run"], r["method"], r["backbone"], r["dataset"], r["protocol"], param)
+        groups.setdefault(key, {})[int(r["stage"])] = r
+    return groups
+
+
+def report_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: a line per (run, method, protocol, k), a column per stage: top-1 (top-5).
+
+    Linear rows list the chosen lr inside the cell, since each stage picks its own.
+    """
+    groups = _groups(rows)
+    stages = sorted({s for g in groups.values() for s in g})
+    head = [
+        "run",
+        "method",
+        "backbone",
+        "dataset",
+        "protocol",
+        "k",
+        *[f"S{s} top-1 (top-5)" for s in stages],
+        "n_train",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(groups, key=lambda k: (k[4], k[5], k[0], k[1])):
+        by_stage = groups[key]
+        cells = list(key)
+        for s in stages:
+            r = by_stage.get(s)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{r['top1']:.2f} ({r['top5']:.2f})"
+            if r.get("lr") is not None and r.get("k") is None:
+                cell += f" lr={r['lr']:g}"
+            cells.append(cell)
+        cells.append(str(max(r["n_train"] for r in by_stage.values())))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Bar chart: one panel per protocol, stages on x, one bar per (run, method)."""
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows)
+    protocols = sorted({(k[4], k[5]) for k in groups})
+    ncols = min(3, len(protocols))
+    nrows = -(-len(protocols) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    names = sorted({(k[0], k[1]) for k in groups})  # (run, method): one colour each
+    runs_per_method: dict[str, set[str]] = {}
+    for run, method in names:
+        runs_per_method.setdefault(method, set()).add(run)
+    colors = plt.get_cmap("tab10")
+    for ax, (protocol, param) in zip(axes.flat, protocols):
+        members = {(k[0], k[1]): k for k in groups if (k[4], k[5]) == (protocol, param)}
+        present = [n for n in names if n in members]
+        stages = sorted({s for k in members.values() for s in groups[k]})
+        width = 0.8 / len(present)
+        for i, name in enumerate(present):
+            by_stage = groups[members[name]]
+            run, method = name
+            label = method if len(runs_per_method[method]) == 1 else f"{method} ({run})"
+            offset = (i - (len(present) - 1) / 2) * width
+            xs = [j + offset for j, s in enumerate(stages) if s in by_stage]
+            ys = [by_stage[s]["top1"] for s in stages if s in by_stage]
+            ax.bar(xs, ys, width, label=label, color=colors(names.index(name) % 10))
+        ax.set_xticks(range(len(stages)), [f"S{s}" for s in stages])
+        ax.set_title(f"{protocol} {param}".strip())
+        ax.set_ylabel("top-1 (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(protocols) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = _select(load_runs(args.runs), args.protocol, args.all)
+    table = report_table(rows)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+        print(f"\ntable: {args.out}")
+    if args.plot:
+        print(f"plot: {plot_results(rows, args.plot)}")
+    return 0
