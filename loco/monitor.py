@@ -35,3 +35,41 @@ class OnlineProbe(nn.Module):
     def load_state_dict(self, state, strict: bool = True):  # type: ignore[override]
         super().load_state_dict(state["module"], strict=strict)
         self.opt.load_state_dict(state["opt"])
+
+
+class KNNMonitor:
+    """Every ``monitor.knn_every`` steps: kNN top-1 (DINO weighting) of the last module on a
+    small fixed labelled subset, so a run's representation quality is visible in its logs."""
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        from loco.data.loaders import build_eval_loader
+
+        m = cfg.monitor
+        self.k = m.knn_k
+        self.device = device
+        self.train = build_eval_loader(cfg, cfg.data.train_split, 256, per_class=m.knn_train_per_class)
+        self.val = build_eval_loader(cfg, cfg.data.val_split, 256, per_class=m.knn_val_per_class)
+
+    @torch.no_grad()
+    def _features(self, backbone, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        from loco.models.heads import pool
+
+        feats, labels = [], []
+        for images, y, _ in loader:
+            feats.append(pool(backbone(images.to(self.device))[-1]).float().cpu())
+            labels.append(y)
+        return torch.cat(feats), torch.cat(labels)
+
+    def __call__(self, backbone) -> dict[str, float]:
+        from loco.eval.knn import knn_evaluate
+
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            xt, yt = self._features(backbone, self.train)
+            xv, yv = self._features(backbone, self.val)
+        finally:
+            backbone.train(was_training)
+        k = min(self.k, len(yt))
+        (result,) = knn_evaluate(xt.numpy(), yt.numpy(), xv.numpy(), yv.numpy(), "dino", ks=[k])
+        return {"monitor/knn_top1": result.top1}

@@ -103,3 +103,13 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ckpt.save_run_checkpoint(tmp_path, {"step": 2}, 2)
     assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 1
+
+
+def test_knn_monitor_and_online_probe_are_logged(cifar_val_root, tmp_path):
+    cfg = tiny_cfg(cifar_val_root, tmp_path / "m", "optim.max_steps=2", "monitor.knn_every=2",
+                   "monitor.knn_train_per_class=3", "monitor.knn_val_per_class=2", "monitor.knn_k=5",
+                   "data.val_split=val")
+    pretrain(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= rows[-1]["monitor/knn_top1"] <= 100.0
+    assert {"online/acc", "online/loss", "lr", "img_per_s", "peak_mem_mb"} <= rows[-1].keys()
