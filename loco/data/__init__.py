@@ -24,6 +24,8 @@ _EXPORTS = {
     "build_pretrain_loader": "loaders",
     "set_loader_epoch": "loaders",
     "steps_per_epoch": "loaders",
+    "BatchedSimCLR": "gpu_augment",
+    "TensorPipelineLoader": "jpeg_loader",
     "SHIPPED": "shipped",
     "prepare_shipped": "shipped",
     "resolve_data_root": "shipped",

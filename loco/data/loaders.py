@@ -16,8 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loco.config import Config
-from loco.data.augment import SimCLRTransform, eval_transform
+from loco.data.augment import SimCLRParams, SimCLRTransform, eval_transform
 from loco.data.folder import ImageFolderDataset, SkipUnreadable, list_classes, subset_per_class
+from loco.data.gpu_augment import BatchedSimCLR
+from loco.data.jpeg_loader import TensorPipelineLoader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
 
@@ -102,12 +104,12 @@ class EpochSampler(Sampler):
         return self.num_samples - self.start_index
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int, step: int = 0) -> None:
+def set_loader_epoch(loader: DataLoader | TensorPipelineLoader, epoch: int, step: int = 0) -> None:
     """Make the next ``iter(loader)`` yield ``epoch`` from batch ``step`` on (exact resume)."""
     loader.sampler.set_epoch(epoch, start_index=step * loader.batch_size)
 
 
-def steps_per_epoch(loader: DataLoader) -> int:
+def steps_per_epoch(loader: DataLoader | TensorPipelineLoader) -> int:
     """Full batches per epoch, regardless of a pending resume skip."""
     return loader.sampler.num_samples // loader.batch_size
 
@@ -116,36 +118,48 @@ def _pin(cfg: Config) -> bool:
     return cfg.train.device != "cpu" and torch.cuda.is_available()
 
 
-def build_pretrain_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_pretrain_loader(
+    cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"
+) -> DataLoader | TensorPipelineLoader:
     """Batches ``(views, labels, bad_paths)``: two [B, 3, H, W] views of the train split.
 
     B is ``optim.batch_size`` per rank, minus any unreadable images (listed in bad_paths).
-    Call :func:`set_loader_epoch` before each epoch.
+    Call :func:`set_loader_epoch` before each epoch. ``data.pipeline=tensor`` gives a
+    :class:`TensorPipelineLoader` whose views are made on ``device`` when it is a GPU
+    (JPEGs decoded there too) and by the CPU workers otherwise.
     """
     data = cfg.data
     root = resolve_data_root(data, splits=[data.train_split])
-    base = ImageFolderDataset(root / data.train_split, transform=SimCLRTransform(data))
+    tensor = data.pipeline == "tensor"
+    transform = None if tensor else SimCLRTransform(data)
+    base = ImageFolderDataset(root / data.train_split, transform=transform)
     indices = subset_per_class(base, data.per_class, cfg.train.seed) if data.per_class else None
-    view = DatasetView(base, indices)
-    sampler = EpochSampler(len(view), seed=cfg.train.seed, rank=rank, world_size=world_size)
+    size = len(base) if indices is None else len(indices)
+    sampler = EpochSampler(size, seed=cfg.train.seed, rank=rank, world_size=world_size)
     batch = cfg.optim.batch_size
     if sampler.num_samples < batch:
         raise LocoError(
-            f"{len(view)} training images over {world_size} rank(s) give {sampler.num_samples} "
+            f"{size} training images over {world_size} rank(s) give {sampler.num_samples} "
             f"per rank, fewer than optim.batch_size={batch}; lower optim.batch_size"
         )
-    size = data.image_size
+    # seeds `random`/numpy in workers for user transforms; ours use the sample seeds
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    if tensor:
+        augment = BatchedSimCLR(SimCLRParams.from_config(data), num_views=2)
+        return TensorPipelineLoader(
+            base, indices, sampler, batch, augment, device, data.num_workers, generator
+        )
+    image_size = data.image_size
     return DataLoader(
-        view,
+        DatasetView(base, indices),
         batch_size=batch,
         sampler=sampler,
         num_workers=data.num_workers,
-        collate_fn=SkipUnreadable(base.skipped, (3, size, size), num_views=2),
+        collate_fn=SkipUnreadable(base.skipped, (3, image_size, image_size), num_views=2),
         pin_memory=_pin(cfg),
         drop_last=True,
         persistent_workers=data.num_workers > 0,
-        # seeds `random`/numpy in workers for user transforms; ours use the sample seeds
-        generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank),
+        generator=generator,
     )
 
 
