@@ -81,7 +81,9 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
         return latest if latest.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise LocoError(f"train.resume={resume}: no such checkpoint; use auto, none or an existing file")
+        raise LocoError(
+            f"train.resume={resume}: no such checkpoint; use auto, none or an existing file"
+        )
     return path
 
 
@@ -93,7 +95,9 @@ def load(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or pickled code
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "Unpickler error" in ln), lines[0] if lines else repr(exc))
+        reason = next(
+            (ln for ln in lines if "Unpickler error" in ln), lines[0] if lines else repr(exc)
+        )
         raise LocoError(f"cannot read checkpoint '{path}': {reason.strip()}") from None
     if not isinstance(obj, dict):
         raise LocoError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict")
@@ -139,6 +143,7 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sour
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shape:
+
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 

@@ -16,7 +16,10 @@ from loco.errors import LocoError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("loco.quickstart", "pretrain on the shipped CIFAR-10, then kNN + linear eval; prints a table"),
+    "quickstart": (
+        "loco.quickstart",
+        "pretrain on the shipped CIFAR-10, then kNN + linear eval; prints a table",
+    ),
     "pretrain": ("loco.train", "self-supervised pretraining (e2e | greedy | loco | infopro)"),
     "features": ("loco.eval.features", "extract frozen per-stage readout features into a cache"),
     "eval": ("loco.eval.cli", "kNN (faiss) and linear-probe evaluation per stage"),
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "_import_error", None):
-        print(f"error: `loco {args.command}` needs a missing dependency ({args._import_error}); "
-              "see README's install section", file=sys.stderr)
+        print(
+            f"error: `loco {args.command}` needs a missing dependency ({args._import_error}); "
+            "see README's install section",
+            file=sys.stderr,
+        )
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

@@ -239,7 +239,9 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise LocoError(f"'{where}' is a section; give its keys, e.g. {where}.{names[0]}=...")
+                raise LocoError(
+                    f"'{where}' is a section; give its keys, e.g. {where}.{names[0]}=..."
+                )
             _apply(current, value, prefix=f"{where}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], f"config key '{where}'"))

@@ -31,27 +31,44 @@ class DistInfo:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm node list such as ``gpu[01-04,07],cpu1`` (what ``scontrol show hostnames`` prints)."""
+    """Expand a Slurm node list such as ``gpu[01-04,07],cpu1`` or ``r[1-2]n[3-4]`` into host
+    names, in the order ``scontrol show hostnames`` prints them."""
     hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"(.*?)\[([^\]]+)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-")
-                hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+    depth, start = 0, 0
+    for i, ch in enumerate(nodelist + ","):  # split on the commas outside brackets
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if i > start:
+                hosts += _expand_host(nodelist[start:i])
+            start = i + 1
     return hosts
+
+
+def _expand_host(pattern: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]+)\](.*)", pattern)
+    if not m:
+        return [pattern]
+    prefix, ranges, rest = m.groups()
+    heads: list[str] = []
+    for r in ranges.split(","):
+        if "-" in r:
+            lo, hi = r.split("-")
+            heads += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+        else:
+            heads.append(f"{prefix}{r}")
+    return [h + tail for h in heads for tail in _expand_host(rest)]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def job_port(job_id: str | int) -> int:
+    """The rendezvous port of a Slurm job: the same on every task of the job, different
+    between jobs sharing a node (array tasks included: each has its own SLURM_JOB_ID)."""
+    return 20000 + int(job_id) % 20000
 
 
 def _slurm_env() -> DistInfo | None:
@@ -73,21 +90,45 @@ def _slurm_env() -> DistInfo | None:
             first = expand_nodelist(nodes)[0] if nodes else "127.0.0.1"
         os.environ["MASTER_ADDR"] = first
     if "MASTER_PORT" not in os.environ:
-        # same port on every task of a job, different between jobs sharing a node
-        job = int(os.environ.get("SLURM_JOB_ID", "0"))
-        os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+        os.environ["MASTER_PORT"] = str(job_port(os.environ.get("SLURM_JOB_ID", "0")))
     return DistInfo(rank, local, world)
+
+
+# -- hook for loco.launch (submitit jobs) ------------------------------------------------
+def _submitit_env() -> DistInfo | None:
+    """Rank info inside a job submitted with submitit (``loco submit``), from
+    ``submitit.JobEnvironment``: the master is the job's first node, the port follows the
+    job id; both replace any MASTER_ADDR/MASTER_PORT inherited from the submitting shell
+    (sbatch exports its environment). None outside such a job, or with a single task."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    try:
+        import submitit
+    except ImportError:
+        return None
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1:
+        return None
+    os.environ["MASTER_ADDR"] = env.hostnames[0]
+    os.environ["MASTER_PORT"] = str(job_port(env.raw_job_id))
+    return DistInfo(env.global_rank, env.local_rank, env.num_tasks)
 
 
 def init_distributed(backend: str | None = None) -> DistInfo:
     """Initialise the default process group when launched with several processes."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+        return DistInfo(
+            dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+        )
     info: DistInfo | None = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
-        info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+        info = DistInfo(
+            int(os.environ["RANK"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ["WORLD_SIZE"]),
+        )
     else:
-        info = _slurm_env()
+        info = _submitit_env() or _slurm_env()
     if info is None:
         return DistInfo()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -96,7 +137,13 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     dist.init_process_group(
         backend, rank=info.rank, world_size=info.world_size, timeout=datetime.timedelta(minutes=30)
     )
-    log.info("distributed: rank %d/%d (local %d), backend %s", info.rank, info.world_size, info.local_rank, backend)
+    log.info(
+        "distributed: rank %d/%d (local %d), backend %s",
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        backend,
+    )
     return info
 
 
@@ -117,6 +164,18 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (one tiny all-reduce), so
+    that all ranks take a decision such as "stop after this step" at the same step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -125,3 +184,12 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (a cheap guard: ranks already seed alike)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)

@@ -37,7 +37,9 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Rows of all ranks (rank-major) and the offset of this rank's rows in them."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    sizes = [
+        torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())
+    ]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     counts = [int(s) for s in sizes]
     start = sum(counts[: dist.get_rank()])
@@ -68,7 +70,9 @@ def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.T
     return F.cross_entropy(logits, positives)
 
 
-def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
+def supcon(
+    z: torch.Tensor, labels: torch.Tensor, temperature: float, gather: bool = True
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out) for ``z = [z1; z2]``.
 
     ``labels`` has one entry per image (length B); every embedding with the same label is a

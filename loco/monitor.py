@@ -47,7 +47,9 @@ class KNNMonitor:
         m = cfg.monitor
         self.k = m.knn_k
         self.device = device
-        self.train = build_eval_loader(cfg, cfg.data.train_split, 256, per_class=m.knn_train_per_class)
+        self.train = build_eval_loader(
+            cfg, cfg.data.train_split, 256, per_class=m.knn_train_per_class
+        )
         self.val = build_eval_loader(cfg, cfg.data.val_split, 256, per_class=m.knn_val_per_class)
 
     @torch.no_grad()

@@ -32,7 +32,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, world_size: int) -> torc
     )
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> CosineLRScheduler:
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int
+) -> CosineLRScheduler:
     """Linear warm-up then cosine decay, stepped every iteration (``step_update``)."""
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     base = opt.param_groups[0]["lr"]

@@ -46,14 +46,26 @@ EVAL_VAL_PER_CLASS = 200
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="change the embedded quickstart config, e.g. method.name=greedy optim.max_steps=100",
     )
-    parser.add_argument("--eval-train-per-class", type=int, default=EVAL_TRAIN_PER_CLASS,
-                        help="labelled training images per class for kNN / linear probes (default %(default)s)")
-    parser.add_argument("--eval-val-per-class", type=int, default=EVAL_VAL_PER_CLASS,
-                        help="validation images per class (default %(default)s)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--eval-train-per-class",
+        type=int,
+        default=EVAL_TRAIN_PER_CLASS,
+        help="labelled training images per class for kNN / linear probes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-val-per-class",
+        type=int,
+        default=EVAL_VAL_PER_CLASS,
+        help="validation images per class (default %(default)s)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -73,7 +85,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = "| stage | " + " | ".join(f"{proto} top-1, {net}" for net, proto in cols) + " |"
     sep = "|---|" + "---:|" * len(cols)
     body = [
-        f"| S{s} | " + " | ".join(f"{cells[(s, *c)]:.1f}" if (s, *c) in cells else "-" for c in cols) + " |"
+        f"| S{s} | "
+        + " | ".join(f"{cells[(s, *c)]:.1f}" if (s, *c) in cells else "-" for c in cols)
+        + " |"
         for s in stages
     ]
     return "\n".join([head, sep, *body])
@@ -96,8 +110,13 @@ def run(args: argparse.Namespace) -> int:
         log.info("evaluating %s", name)
         out = run_dir / ("eval_random_init" if path is None else "eval")
         for row in evaluate_run(
-            cfg, path, out, knn=True, linear=True,
-            train_per_class=args.eval_train_per_class, val_per_class=args.eval_val_per_class,
+            cfg,
+            path,
+            out,
+            knn=True,
+            linear=True,
+            train_per_class=args.eval_train_per_class,
+            val_per_class=args.eval_val_per_class,
             progress=cfg.train.progress,
         ):
             rows.append({**row, "network": name})

@@ -29,11 +29,18 @@ from tqdm import tqdm
 from loco import checkpoint as ckpt
 from loco.config import Config, config_from_dict, dump_yaml, load_config
 from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
-from loco.distributed import DistInfo, average_gradients, barrier, init_distributed
+from loco.distributed import (
+    DistInfo,
+    any_rank,
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    init_distributed,
+)
 from loco.errors import LocoError
 from loco.methods import Method, build_method
 from loco.models.backbone import build_backbone
-from loco.monitor import OnlineProbe
+from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("loco.train")
@@ -44,10 +51,14 @@ COMPARED_ON_RESUME = ("model", "method", "decoder")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config (see configs/); defaults if omitted")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="dotted overrides, e.g. method.name=greedy optim.batch_size=128 train.output_dir=runs/x",
     )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
 def resolve_device(cfg: Config, info: DistInfo) -> torch.device:
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise LocoError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+        raise LocoError(
+            "train.device=cuda but no CUDA device is visible; use train.device=auto or cpu"
+        )
     if want == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", info.local_rank)
@@ -83,7 +96,10 @@ def git_revision() -> str:
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(here), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
@@ -121,6 +137,21 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+# -- hook for loco.launch.job (Slurm through submitit) ----------------------------------------
+# Slurm warns a job before its time limit or a preemption with USR2. submitit's own handler
+# would checkpoint in the middle of a step; loco.launch.job routes the signal here instead.
+# The loop then finishes the current optimizer step, saves a checkpoint at that step and
+# raises SystemExit, exactly as on SIGTERM, and the job requeues itself with resume=auto.
+# A request made before the loop starts takes effect after its first step.
+_stop_request: str | None = None
+
+
+def request_stop(reason: str | None) -> None:
+    """Ask the training loop of this process to checkpoint and stop after the current step."""
+    global _stop_request
+    _stop_request = reason
+
+
 # -- the run -----------------------------------------------------------------------------
 class MetricsWriter:
     """JSONL metrics (always) and TensorBoard events (when tensorboard is installed)."""
@@ -151,7 +182,11 @@ class MetricsWriter:
         """On resume, drop lines logged after the checkpoint (they will be logged again)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        keep = [
+            ln
+            for ln in self.path.read_text().splitlines()
+            if ln and json.loads(ln).get("step", 0) <= step
+        ]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
@@ -167,14 +202,18 @@ class Pretrainer:
         self.info = init_distributed()
         self.device = resolve_device(cfg, self.info)
         self.run_dir = Path(cfg.train.output_dir)
-        torch.manual_seed(cfg.train.seed + self.info.rank)
+        # the same seed on every rank: identical initial weights (augmentation randomness is
+        # per sample, from the data sampler, so ranks still see different views)
+        torch.manual_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        self.loader = build_pretrain_loader(cfg, rank=self.info.rank, world_size=self.info.world_size)
+        self.loader = build_pretrain_loader(
+            cfg, rank=self.info.rank, world_size=self.info.world_size, device=self.device
+        )
         self.steps_per_epoch = steps_per_epoch(self.loader)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
@@ -185,11 +224,19 @@ class Pretrainer:
         self.method: Method = build_method(backbone, cfg).to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
+        broadcast_parameters(self.method)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.info.world_size)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch
+        )
         self.probe = (
             OnlineProbe(backbone.channels[-1], len(self.loader.dataset.classes)).to(self.device)
             if cfg.monitor.online_linear
+            else None
+        )
+        self.knn_monitor = (
+            KNNMonitor(cfg, self.device)
+            if cfg.monitor.knn_every > 0 and self.info.is_main
             else None
         )
         self.params = [p for p in self.method.parameters() if p.requires_grad]
@@ -229,7 +276,9 @@ class Pretrainer:
 
     def save(self) -> None:
         if self.info.is_main:
-            path = ckpt.save_run_checkpoint(self.run_dir, self.state_dict(), self.step, self.cfg.train.keep_checkpoints)
+            path = ckpt.save_run_checkpoint(
+                self.run_dir, self.state_dict(), self.step, self.cfg.train.keep_checkpoints
+            )
             log.info("checkpoint: %s (step %d)", path, self.step)
         barrier()
 
@@ -248,7 +297,9 @@ class Pretrainer:
         try:
             self.method.load_state_dict(state["method"])
         except RuntimeError as exc:
-            raise LocoError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+            raise LocoError(
+                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.probe and state.get("probe"):
@@ -300,19 +351,26 @@ class Pretrainer:
             log.info("resolved config:\n%s", dump_yaml(cfg))
             log.info(
                 "backbone %s split into %d local modules:\n%s",
-                cfg.model.backbone, self.method.backbone.num_modules, self.method.backbone.describe(),
+                cfg.model.backbone,
+                self.method.backbone.num_modules,
+                self.method.backbone.describe(),
             )
         self.maybe_resume()
         if self.step >= self.total_steps:
             log.info("already finished (%d steps)", self.step)
             return self.run_dir
         bar = tqdm(
-            total=self.total_steps, initial=self.step, desc=f"pretrain {cfg.method.name}",
-            disable=not (cfg.train.progress and self.info.is_main), dynamic_ncols=True, file=sys.stderr,
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"pretrain {cfg.method.name}",
+            disable=not (cfg.train.progress and self.info.is_main),
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
         images = cfg.optim.batch_size * self.info.world_size
         t_last, n_last = time.perf_counter(), self.step
         last_saved = self.step
+        stopped: str | None = None
         with StopFlag() as stop:
             for batch in self.batches():
                 values = self.train_step(batch)
@@ -320,31 +378,63 @@ class Pretrainer:
                 bar.update(1)
                 if not all(math.isfinite(v) for v in values.values()):
                     self.save_failure(values)
-                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                monitored = self.knn_monitor is not None and self.step % cfg.monitor.knn_every == 0
+                if monitored:
+                    values.update(self.knn_monitor(self.method.backbone))
+                    log.info(
+                        "step %d: kNN monitor top-1 %.2f%%", self.step, values["monitor/knn_top1"]
+                    )
+                if (
+                    monitored
+                    or self.step % cfg.train.log_every == 0
+                    or self.step == self.total_steps
+                ):
                     now = time.perf_counter()
                     values["img_per_s"] = images * (self.step - n_last) / max(now - t_last, 1e-9)
                     values["epoch"] = self.step / self.steps_per_epoch
                     values["peak_mem_mb"] = peak_memory_mb(self.device)
                     t_last, n_last = now, self.step
                     self.metrics.write(self.step, values)
-                    bar.set_postfix({k.replace("loss/", ""): f"{v:.3f}" for k, v in values.items() if k.startswith("loss/")}
-                                    | {"img/s": f"{values['img_per_s']:.0f}"})
+                    bar.set_postfix(
+                        {
+                            k.replace("loss/", ""): f"{v:.3f}"
+                            for k, v in values.items()
+                            if k.startswith("loss/")
+                        }
+                        | {"img/s": f"{values['img_per_s']:.0f}"}
+                    )
                 end_of_epoch = self.step % self.steps_per_epoch == 0
-                if self.step == self.total_steps or self.step % cfg.train.ckpt_every == 0 or end_of_epoch:
+                if (
+                    self.step == self.total_steps
+                    or self.step % cfg.train.ckpt_every == 0
+                    or end_of_epoch
+                ):
                     self.save()
                     last_saved = self.step
-                if stop.requested or self.step >= self.total_steps:
+                # a signal or request_stop() (launcher hook); all ranks agree, so that they
+                # save and stop at the same step
+                stopped = stop.requested or _stop_request
+                if any_rank(bool(stopped)):
+                    stopped = stopped or "a signal on another rank"
+                if stopped or self.step >= self.total_steps:
                     break
-            if stop.requested:
+            request_stop(None)  # consumed (or moot: the run is complete)
+            if stopped and self.step < self.total_steps:
                 if last_saved != self.step:
                     self.save()
                 bar.close()
-                log.warning("stopped by %s at step %d; resume with train.resume=auto", stop.requested, self.step)
+                log.warning(
+                    "stopped by %s at step %d; resume with train.resume=auto", stopped, self.step
+                )
                 self.metrics.close()
-                raise SystemExit(143 if stop.requested == "SIGTERM" else 130)
+                raise SystemExit(143 if stopped == "SIGTERM" else 130)
         bar.close()
         if self.skipped_count:
-            log.warning("skipped %d unreadable images (first: %s)", self.skipped_count, ", ".join(self.skipped_images))
+            log.warning(
+                "skipped %d unreadable images (first: %s)",
+                self.skipped_count,
+                ", ".join(self.skipped_images),
+            )
         self.metrics.close()
         return self.run_dir
 

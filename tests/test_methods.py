@@ -41,7 +41,10 @@ def step_grads(model, views, labels) -> list[list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     model.training_step(views, labels)
     return [
-        [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.module_params(k)]
+        [
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for p in model.module_params(k)
+        ]
         for k in range(model.backbone.num_modules)
     ]
 
@@ -59,7 +62,9 @@ def inputs_per_module(model, views) -> list[torch.Tensor]:
 def assert_grads_equal(got, want, what: str) -> None:
     for k, (g_mod, w_mod) in enumerate(zip(got, want)):
         for g, w in zip(g_mod, w_mod):
-            assert torch.allclose(g, w, rtol=1e-7, atol=1e-10), f"{what}: module S{k + 1} gradient differs"
+            assert torch.allclose(g, w, rtol=1e-7, atol=1e-10), (
+                f"{what}: module S{k + 1} gradient differs"
+            )
 
 
 def test_greedy_each_module_gets_only_its_own_loss():
@@ -125,7 +130,11 @@ def test_loco_upper_only_variant():
     n = ref.backbone.num_modules
     for k in range(n):
         h = ref.backbone.forward_module(k, ins[k])
-        loss = ref.head_loss(k + 1, ref.backbone.forward_module(k + 1, h)) if k + 1 < n else ref.head_loss(k, h)
+        loss = (
+            ref.head_loss(k + 1, ref.backbone.forward_module(k + 1, h))
+            if k + 1 < n
+            else ref.head_loss(k, h)
+        )
         want = torch.autograd.grad(loss, ref.module_params(k))
         for g, w in zip(got[k], want):
             assert torch.allclose(g, w, rtol=1e-7, atol=1e-10)

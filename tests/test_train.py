@@ -14,17 +14,31 @@ from loco.config import load_config
 from loco.errors import LocoError
 from loco.train import Pretrainer, pretrain
 
-TINY = ["model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "decoder.hidden_dim=64", "decoder.out_dim=32"]
+TINY = [
+    "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+    "decoder.hidden_dim=64",
+    "decoder.out_dim=32",
+]
 
 
 def tiny_cfg(root, out, *extra):
     return load_config(
         None,
         [
-            f"data.root={root}", "data.dataset=folder", "data.train_split=val", "data.per_class=4",
-            "data.image_size=16", "data.num_workers=0", "optim.batch_size=8", "optim.warmup_epochs=0",
-            f"train.output_dir={out}", "train.progress=false", "train.log_every=1", "train.deterministic=true",
-            *TINY, *extra,
+            f"data.root={root}",
+            "data.dataset=folder",
+            "data.train_split=val",
+            "data.per_class=4",
+            "data.image_size=16",
+            "data.num_workers=0",
+            "optim.batch_size=8",
+            "optim.warmup_epochs=0",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "train.log_every=1",
+            "train.deterministic=true",
+            *TINY,
+            *extra,
         ],
     )
 
@@ -58,15 +72,28 @@ def test_resume_after_sigterm_equals_uninterrupted(cifar_val_root, tmp_path, met
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    steps = [json.loads(line)["step"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 9)), "metrics must have each step exactly once"
 
 
 def test_loss_falls_on_real_images(cifar_val_root, tmp_path):
-    cfg = tiny_cfg(cifar_val_root, tmp_path / "run", "optim.max_steps=30", "data.per_class=8",
-                   "optim.batch_size=32", "optim.name=adamw", "optim.base_lr=0.004", "optim.weight_decay=0")
+    cfg = tiny_cfg(
+        cifar_val_root,
+        tmp_path / "run",
+        "optim.max_steps=30",
+        "data.per_class=8",
+        "optim.batch_size=32",
+        "optim.name=adamw",
+        "optim.base_lr=0.004",
+        "optim.weight_decay=0",
+    )
     pretrain(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     first = sum(r["loss/s4"] for r in rows[:5]) / 5
     last = sum(r["loss/s4"] for r in rows[-5:]) / 5
     assert last < first - 0.05, (first, last)
@@ -106,10 +133,19 @@ def test_atomic_save_keeps_old_checkpoint_on_failure(tmp_path, monkeypatch):
 
 
 def test_knn_monitor_and_online_probe_are_logged(cifar_val_root, tmp_path):
-    cfg = tiny_cfg(cifar_val_root, tmp_path / "m", "optim.max_steps=2", "monitor.knn_every=2",
-                   "monitor.knn_train_per_class=3", "monitor.knn_val_per_class=2", "monitor.knn_k=5",
-                   "data.val_split=val")
+    cfg = tiny_cfg(
+        cifar_val_root,
+        tmp_path / "m",
+        "optim.max_steps=2",
+        "monitor.knn_every=2",
+        "monitor.knn_train_per_class=3",
+        "monitor.knn_val_per_class=2",
+        "monitor.knn_k=5",
+        "data.val_split=val",
+    )
     pretrain(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert 0.0 <= rows[-1]["monitor/knn_top1"] <= 100.0
     assert {"online/acc", "online/loss", "lr", "img_per_s", "peak_mem_mb"} <= rows[-1].keys()

@@ -1,0 +1,6 @@
+"""Slurm launch through submitit: ``loco submit`` (:mod:`loco.launch.submit`), ``loco jobs``
+(:mod:`loco.launch.jobs`) and the callable that runs on the nodes (:mod:`loco.launch.job`).
+
+Plain sbatch templates (torchrun under srun) for users who do not want submitit live in
+``slurm/``; see ``slurm/README.md``.
+"""

@@ -1,0 +1,619 @@
+"""``loco submit``: pretrain, eval or transfer as a Slurm job, through submitit.
+
+    loco submit pretrain --config configs/imagenet_resnet50_loco_100ep.yaml \\
+        --profile mycluster --nodes 4 --gpus-per-node 8 --time 72:00:00
+
+One Slurm task per GPU (``--tasks-per-node`` defaults to ``--gpus-per-node``); each task runs
+:class:`loco.launch.job.LocoJob`, which brings up torch.distributed from the job environment
+and requeues itself on timeout or preemption. Everything after the job name goes to
+``loco JOB`` unchanged, except the submit options below (write the job's arguments after
+``--`` to pass them verbatim). Defaults come from a cluster profile (``--profile NAME|PATH``
+or ``$LOCO_SLURM_PROFILE``; ``slurm/profiles/*.yaml``); the command line overrides it.
+``--sweep KEY=V1,V2`` submits one job array with an output dir per task. Job ids are recorded
+in ``RUN_DIR/slurm/jobs.jsonl``, where ``loco jobs RUN_DIR`` finds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import difflib
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loco.errors import LocoError
+
+JOBS = ("pretrain", "eval", "transfer")
+PROFILE_ENV = "LOCO_SLURM_PROFILE"
+REPO_PROFILES = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
+
+
+@dataclass
+class SlurmOptions:
+    """What a profile or the command line can set; None = Slurm's (or the cluster's) default."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    time: str = "1:00:00"  # Slurm syntax: minutes, HH:MM:SS, D-HH:MM:SS
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # default: gpus_per_node, or 1 for a CPU job
+    cpus_per_task: int | None = None
+    mem_per_gpu: str | None = None  # e.g. 64G
+    mem: str | None = None  # per node, e.g. 200G (CPU jobs)
+    max_requeues: int = 5  # on timeout or preemption, all together
+    signal_delay_s: int = 120  # USR2 this long before the time limit: finish a step, save
+    max_parallel: int | None = None  # array tasks running at once (default: all)
+    folder: str | None = None  # submitit's logs and pickles (default RUN_DIR/slurm/%j)
+    job_name: str | None = None
+    python: str | None = None  # interpreter command on the nodes (default: this one)
+    setup: list[str] = field(default_factory=list)  # shell lines before srun
+    srun_args: list[str] = field(default_factory=list)
+    sbatch: dict[str, str] = field(default_factory=dict)  # any other #SBATCH flag
+
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+KINDS = {f.name: f.type for f in dataclasses.fields(SlurmOptions)}
+
+
+# -- profiles ------------------------------------------------------------------------------
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    kind = KINDS[key]
+    bad = f"{where}: '{key}'"
+    if value is None:
+        return None
+    if "list" in kind:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str | int | float) for v in items):
+            raise LocoError(f"{bad} must be a list of strings, got {value!r}")
+        return [str(v) for v in items]
+    if "dict" in kind:
+        if not isinstance(value, dict):
+            raise LocoError(f"{bad} must be a mapping such as {{mail-type: END}}, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if "int" in kind:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise LocoError(f"{bad} must be an integer, got {value!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise LocoError(f"{bad} must be an integer, got {value!r}") from None
+        if number < 0:
+            raise LocoError(f"{bad} must be >= 0, got {number}")
+        return number
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise LocoError(f"{bad} must be a string, got {value!r}")
+    return str(value)
+
+
+def check_options(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validate profile keys and values; one-line errors naming the key and a fix."""
+    out = {}
+    for raw, value in data.items():
+        key = str(raw).replace("-", "_")
+        if key not in KINDS:
+            raise LocoError(f"{where}: unknown key '{raw}'{_suggest(key, list(KINDS))}")
+        out[key] = _coerce(key, value, where)
+    if "time" in out:
+        parse_time(out["time"], where)
+    return out
+
+
+def profile_dirs() -> list[Path]:
+    return [Path("slurm/profiles"), REPO_PROFILES, Path("~/.config/loco/profiles").expanduser()]
+
+
+def find_profile(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in name:
+        if not path.is_file():
+            raise LocoError(f"profile file '{name}' not found")
+        return path
+    for d in profile_dirs():
+        for suffix in (".yaml", ".yml"):
+            if (d / f"{name}{suffix}").is_file():
+                return d / f"{name}{suffix}"
+    known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.y*ml")})
+    raise LocoError(
+        f"profile '{name}' not found in {', '.join(str(d) for d in profile_dirs())}"
+        f"{_suggest(name, known) if known else ''}; copy slurm/profiles/example.yaml"
+    )
+
+
+def load_profile(name: str) -> tuple[Path, dict[str, Any]]:
+    path = find_profile(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LocoError(f"profile '{path}' is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise LocoError(f"profile '{path}' must be a mapping of option: value")
+    return path, check_options(data, f"profile '{path}'")
+
+
+def parse_time(text: str | int, where: str = "--time") -> int:
+    """Slurm's time formats -> whole minutes (what submitit passes to ``#SBATCH --time``)."""
+    s = str(text).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s)
+    if not m or s == "0":
+        raise LocoError(f"{where}: '{text}' is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:  # MM:SS
+        seconds = a * 60 + b
+    else:  # minutes
+        seconds = a * 60
+    return max(1, math.ceil(seconds / 60))
+
+
+def resolve_options(args: argparse.Namespace) -> tuple[SlurmOptions, str | None]:
+    """Built-in defaults <- profile <- command line."""
+    values: dict[str, Any] = {}
+    profile = args.profile or os.environ.get(PROFILE_ENV)
+    source = None
+    if profile:
+        path, values = load_profile(profile)
+        source = str(path)
+    cli = {k: getattr(args, k) for k in KINDS if getattr(args, k, None) not in (None, [], {})}
+    values.update(check_options(cli, "command line"))
+    opts = SlurmOptions(**values)
+    parse_time(opts.time)
+    if opts.nodes < 1:
+        raise LocoError("--nodes must be at least 1")
+    return opts, source
+
+
+# -- command line --------------------------------------------------------------------------
+def _add_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources (defaults: the profile, then Slurm's)")
+    g.add_argument(
+        "--profile",
+        help=f"cluster profile: NAME (slurm/profiles/NAME.yaml) or PATH; default ${PROFILE_ENV}",
+    )
+    g.add_argument("--nodes", type=int, help="nodes (default 1)")
+    g.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node; one task per GPU (default 0: a CPU job)"
+    )
+    g.add_argument(
+        "--tasks-per-node", type=int, help="tasks per node (default: GPUs per node, or 1)"
+    )
+    g.add_argument(
+        "--cpus-per-task", type=int, help="CPU cores per task (data loading workers + 1)"
+    )
+    g.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 64G")
+    g.add_argument("--mem", help="memory per node, e.g. 200G")
+    g.add_argument("--partition", "-p", help="Slurm partition")
+    g.add_argument(
+        "--time", "-t", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (default 1:00:00)"
+    )
+    g.add_argument("--account", "-A", help="Slurm account")
+    g.add_argument("--qos", help="quality of service")
+    g.add_argument("--constraint", "-C", help="node features, e.g. a100")
+    g.add_argument("--exclude", "-x", help="nodes to avoid, e.g. gpu[03,07]")
+    j = p.add_argument_group("job")
+    j.add_argument(
+        "--max-requeues", type=int, help="requeues on timeout or preemption, at most (default 5)"
+    )
+    j.add_argument(
+        "--signal-delay",
+        dest="signal_delay_s",
+        type=int,
+        help="seconds between the USR2 warning and the time limit (default 120)",
+    )
+    j.add_argument("--job-name", help="Slurm job name (default loco-JOB-RUNDIR)")
+    j.add_argument(
+        "--folder", help="submitit folder for logs and pickles (default RUN_DIR/slurm/%%j)"
+    )
+    j.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="one array task per value (repeat for a grid): a config key (optim.base_lr=0.1,0.3) or a flag of the job (epochs=50,100 -> --epochs)",
+    )
+    j.add_argument(
+        "--sweep-file", help="YAML sweep: {key: [values]} (a grid) or a list of {key: value} points"
+    )
+    j.add_argument("--max-parallel", type=int, help="array tasks running at once (default all)")
+    j.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch script and the resolved config; submit nothing",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", choices=JOBS, help="what to run: pretrain | eval | transfer")
+    parser.add_argument(
+        "job_args",
+        nargs=argparse.REMAINDER,
+        metavar="...",
+        help="arguments of `loco JOB` (e.g. --config X key=value); put them after -- to pass them verbatim",
+    )
+    _add_options(parser)
+
+
+def split_job_args(args: argparse.Namespace) -> list[str]:
+    """Take the submit options mixed into the job's arguments; return the job's own."""
+    rest = list(args.job_args or [])
+    verbatim: list[str] = []
+    if "--" in rest:
+        i = rest.index("--")
+        rest, verbatim = rest[:i], rest[i + 1 :]
+    p = argparse.ArgumentParser(
+        add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS
+    )
+    _add_options(p)
+    found, job_args = p.parse_known_args(rest)
+    for key, value in vars(found).items():
+        if key == "sweep":
+            value = (getattr(args, "sweep", None) or []) + value
+        setattr(args, key, value)
+    return job_args + verbatim
+
+
+# -- sweeps --------------------------------------------------------------------------------
+def _split_values(text: str) -> list[str]:
+    """``a,b,[1, 2],{x: 1, y: 2}`` -> four values (commas inside brackets stay)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [v for v in out if v]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return str(value)
+
+
+def sweep_points(items: list[str] | None, path: str | None) -> list[dict[str, str]]:
+    """The grid of ``--sweep`` entries times the points of ``--sweep-file``; [{}] if none."""
+    grid: list[tuple[str, list[str]]] = []
+    for item in items or []:
+        key, eq, values = item.partition("=")
+        if not eq or not key or not _split_values(values):
+            raise LocoError(f"--sweep '{item}' is not KEY=V1,V2,... (e.g. optim.base_lr=0.1,0.3)")
+        grid.append((key.strip(), _split_values(values)))
+    points = [dict(p) for p in itertools.product(*[[(k, v) for v in vs] for k, vs in grid])]
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError:
+            raise LocoError(f"--sweep-file '{path}' not found") from None
+        except yaml.YAMLError as exc:
+            raise LocoError(
+                f"--sweep-file '{path}' is not valid YAML: {exc}".splitlines()[0]
+            ) from None
+        if isinstance(data, dict):
+            lists = [
+                [(str(k), _text(v)) for v in (vs if isinstance(vs, list) else [vs])]
+                for k, vs in data.items()
+            ]
+            extra = [dict(p) for p in itertools.product(*lists)]
+        elif isinstance(data, list) and all(isinstance(d, dict) for d in data):
+            extra = [{str(k): _text(v) for k, v in d.items()} for d in data]
+        else:
+            raise LocoError(
+                f"--sweep-file '{path}': give {{key: [values]}} or a list of {{key: value}}"
+            )
+        points = [{**a, **b} for a in points for b in extra]
+    return points
+
+
+def point_tag(point: dict[str, str]) -> str:
+    """A directory name for one sweep point, e.g. ``base_lr=0.1_temperature=0.2``."""
+    leaves = [k.lstrip("-").split(".")[-1] for k in point]
+    names = leaves if len(set(leaves)) == len(leaves) else [k.lstrip("-") for k in point]
+    tag = "_".join(f"{n}={v}" for n, v in zip(names, point.values()))
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", tag).strip("-")[:120] or "task"
+
+
+def _apply_point(argv: list[str], point: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(flags added to argv, config overrides) for one sweep point."""
+    flags, overrides = [], []
+    for key, value in point.items():
+        if "." in key and not key.startswith("-"):
+            overrides.append(f"{key}={value}")
+        else:
+            flags += ["--" + key.lstrip("-").replace("_", "-"), value]
+    return flags, overrides
+
+
+# -- the job(s) ----------------------------------------------------------------------------
+@dataclass
+class Task:
+    run_dir: Path
+    argv: list[str]  # `loco JOB ...` as it runs
+    config: dict[str, Any] | None  # pretrain: the resolved config
+    point: dict[str, str]
+
+
+def _parse_job(job: str, argv: list[str]) -> argparse.Namespace:
+    """The job's own parser (the one `loco JOB` uses) checks its arguments now, not in the queue."""
+    from loco.cli import build_parser
+
+    try:
+        return build_parser(job).parse_args([job, *argv])
+    except SystemExit as exc:
+        raise LocoError(
+            f"`loco {job} {shlex.join(argv)}` is not a valid command line (see above)"
+        ) from exc
+
+
+def _output_dir(job: str, ns: argparse.Namespace) -> Path | None:
+    for dest in ("out", "output_dir", "output"):
+        if getattr(ns, dest, None):
+            return Path(getattr(ns, dest))
+    if getattr(ns, "checkpoint", None):  # eval writes next to the checkpoint by default
+        return Path(ns.checkpoint).parent
+    return None
+
+
+def build_tasks(job: str, argv: list[str], points: list[dict[str, str]]) -> tuple[Path, list[Task]]:
+    """(the common output dir, one task per sweep point)."""
+    from loco.config import load_config
+
+    ns = _parse_job(job, argv)
+    if job == "pretrain":
+        base = Path(load_config(ns.config, ns.overrides).train.output_dir).resolve()
+    else:
+        found = _output_dir(job, ns)
+        if found is None:
+            raise LocoError(f"cannot tell where `loco {job}` writes: give it --out DIR")
+        base = found.resolve()
+    sweep = points != [{}]
+    tags = [point_tag(p) for p in points]
+    if len(set(tags)) != len(tags):
+        tags = [f"{i:03d}_{t}" for i, t in enumerate(tags)]
+    tasks = []
+    for point, tag in zip(points, tags):
+        run_dir = base / tag if sweep else base
+        flags, overrides = _apply_point(argv, point)
+        if job == "pretrain":
+            overrides.append(f"train.output_dir={run_dir}")
+            ns_task = _parse_job(job, [*argv, *flags]) if flags else ns
+            cfg = load_config(ns_task.config, [*ns_task.overrides, *overrides])
+            cfg.train.progress = False  # a progress bar floods job logs; see `loco jobs`
+            shown = [a for a in argv if not a.startswith("train.output_dir=")]
+            tasks.append(Task(run_dir, [*shown, *overrides, *flags], cfg.to_dict(), point))
+        else:
+            if sweep:
+                flags += ["--out" if hasattr(ns, "out") else "--output-dir", str(run_dir)]
+            task_argv = [*argv, *overrides, *flags]
+            _parse_job(job, task_argv)
+            tasks.append(Task(run_dir, task_argv, None, point))
+    return base, tasks
+
+
+# -- submitit ------------------------------------------------------------------------------
+def sbatch_parameters(opts: SlurmOptions, job_name: str, array_size: int = 1) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters (named as its ``#SBATCH`` flags)."""
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "time": parse_time(opts.time),
+        "nodes": opts.nodes,
+        "ntasks_per_node": opts.tasks(),
+        "signal_delay_s": opts.signal_delay_s,
+    }
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    optional = (
+        "partition",
+        "account",
+        "qos",
+        "constraint",
+        "exclude",
+        "cpus_per_task",
+        "mem_per_gpu",
+        "mem",
+    )
+    params.update({k: getattr(opts, k) for k in optional if getattr(opts, k) is not None})
+    if opts.setup:
+        params["setup"] = list(opts.setup)
+    # one failed task ends the step (the others would wait in a collective until a timeout)
+    params["srun_args"] = ["--kill-on-bad-exit=1", *opts.srun_args]
+    if opts.sbatch:
+        params["additional_parameters"] = dict(opts.sbatch)
+    if array_size > 1:
+        params["array_parallelism"] = opts.max_parallel or array_size
+    return params
+
+
+def make_executor(
+    folder: Path, opts: SlurmOptions, params: dict[str, Any], render_only: bool = False
+) -> Any:
+    """submitit.AutoExecutor for Slurm; where srun is absent, a dry run still renders the script."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    python = opts.python or shlex.quote(sys.executable)
+    if shutil.which("srun") is None:
+        if not render_only:
+            raise LocoError(
+                "srun not found: submit from a Slurm login node (add --dry-run to see the script)"
+            )
+
+        class RenderOnly(SlurmExecutor):  # the same script, without a Slurm installation
+            @classmethod
+            def affinity(cls) -> int:
+                return 1
+
+        ex = RenderOnly(folder, max_num_timeout=opts.max_requeues, python=python)
+        ex.update_parameters(**params)
+        return ex
+    ex = submitit.AutoExecutor(
+        folder=folder, cluster="slurm", slurm_max_num_timeout=opts.max_requeues, slurm_python=python
+    )
+    ex.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    return ex
+
+
+def render_script(executor: Any, array_size: int = 1) -> str:
+    """The sbatch script submitit writes for this executor (``#SBATCH`` lines, srun command)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    slurm = getattr(executor, "_executor", executor)
+    params = dict(slurm.parameters)
+    if array_size > 1:
+        params["map_count"] = array_size
+    return _make_sbatch_string(command=slurm._submitit_command_str, folder=slurm.folder, **params)
+
+
+def _record(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _short(path: Path | str) -> str:
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    argv = split_job_args(args)
+    opts, profile = resolve_options(args)
+    points = sweep_points(args.sweep, args.sweep_file)
+    base, tasks = build_tasks(args.job, argv, points)
+    array = len(tasks) if points != [{}] else 1
+    job_name = opts.job_name or f"loco-{args.job}-{base.name}"[:64]
+    folder = Path(opts.folder).expanduser().resolve() if opts.folder else base / "slurm" / "%j"
+    params = sbatch_parameters(opts, job_name, array)
+    executor = make_executor(folder, opts, params, render_only=args.dry_run)
+    from loco.launch.job import LocoJob
+
+    jobs = [
+        LocoJob(args.job, t.argv, str(t.run_dir), config=t.config, max_requeues=opts.max_requeues)
+        for t in tasks
+    ]
+    if args.dry_run:
+        return _print_dry_run(args.job, opts, profile, executor, tasks, array, base)
+
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        submitted = [executor.submit(jobs[0])] if array == 1 else executor.submit_array(jobs)
+    except Exception as exc:  # sbatch refused: partition, account, limits...
+        lines = (
+            [ln for ln in str(exc).splitlines() if "error" in ln.lower()]
+            or str(exc).splitlines()
+            or [repr(exc)]
+        )
+        raise LocoError(f"sbatch refused the job: {lines[-1].strip()}") from None
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    rows = []
+    for job, task in zip(submitted, tasks):
+        rows.append(
+            {
+                "job_id": job.job_id,
+                "command": args.job,
+                "argv": task.argv,
+                "run_dir": str(task.run_dir),
+                "stdout": str(job.paths.stdout),
+                "stderr": str(job.paths.stderr),
+                "submitted": now,
+                "nodes": opts.nodes,
+                "tasks_per_node": opts.tasks(),
+                "gpus_per_node": opts.gpus_per_node,
+                "time": opts.time,
+                "partition": opts.partition,
+                "sweep": task.point,
+            }
+        )
+    _record(base / "slurm" / "jobs.jsonl", rows)
+    if array > 1:
+        for row in rows:
+            _record(Path(row["run_dir"]) / "slurm" / "jobs.jsonl", [row])
+    _print_submitted(args.job, opts, rows, base, array)
+    return 0
+
+
+def _where(opts: SlurmOptions) -> str:
+    per = f"{opts.gpus_per_node} GPU" if opts.gpus_per_node else "CPU"
+    return (
+        f"{opts.nodes} node(s) x {opts.tasks()} task(s) ({per}), partition {opts.partition or '(default)'}, "
+        f"time {opts.time}"
+    )
+
+
+def _print_submitted(
+    job: str, opts: SlurmOptions, rows: list[dict[str, Any]], base: Path, array: int
+) -> None:
+    if array == 1:
+        r = rows[0]
+        print(f"submitted job {r['job_id']}: loco {job} on {_where(opts)}")
+        print(f"  output: {_short(r['run_dir'])}")
+        print(f"  log:    {_short(r['stderr'])}  (and .out)")
+    else:
+        print(
+            f"submitted array {rows[0]['job_id'].split('_')[0]} ({array} tasks): loco {job}, each on {_where(opts)}"
+        )
+        for r in rows:
+            print(f"  {r['job_id']:<12} {_short(r['run_dir'])}  log: {_short(r['stderr'])}")
+    print(f"  status: loco jobs {_short(base)}")
+    if array > 1 and job == "eval":
+        print(f"  when done: loco report {_short(base)}/*/")
+    elif array > 1:
+        print(f"  evaluate each task dir with `loco eval`, then: loco report {_short(base)}/*/")
+
+
+def _print_dry_run(
+    job: str,
+    opts: SlurmOptions,
+    profile: str | None,
+    executor: Any,
+    tasks: list[Task],
+    array: int,
+    base: Path,
+) -> int:
+    print("# loco submit --dry-run: nothing was submitted")
+    print(f"# profile: {profile or '(none: built-in defaults)'}")
+    print(f"# python on the nodes: {opts.python or sys.executable}")
+    print(f"# {_where(opts)}; requeued on timeout/preemption at most {opts.max_requeues} time(s)")
+    for t in tasks:
+        print(f"# task -> {_short(t.run_dir)}: loco {job} {shlex.join(t.argv)}")
+    print(f"# status afterwards: loco jobs {_short(base)}")
+    print(f"\n# ---- sbatch script (submitit{', job array' if array > 1 else ''}) ----")
+    print(render_script(executor, array))
+    if tasks[0].config is not None:
+        from loco.config import config_from_dict, dump_yaml
+
+        label = " (first task)" if array > 1 else ""
+        print(f"# ---- resolved config{label} ----")
+        print(dump_yaml(config_from_dict(tasks[0].config)))
+    return 0
