@@ -8,24 +8,19 @@ node from extracting the same archive at the same time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from loco.config import DataConfig
 from loco.errors import LocoError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock; one process per node is then the user's job
-    fcntl = None
+from loco.filelock import locked
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +96,7 @@ def prepare_shipped(
     if not all(_is_complete(dest, a) for a in archives):
         shared = find_shared_data()
         dest.mkdir(parents=True, exist_ok=True)
-        with _locked(dest / ".lock"):
+        with locked(dest / ".lock"):
             for archive in archives:
                 if not _is_complete(dest, archive):
                     _extract(shared / archive, dest, archive, name)
@@ -173,16 +168,3 @@ def _extract(src: Path, dest: Path, archive: str, name: str) -> None:
     partial = marker.with_suffix(".tmp")
     partial.write_text(json.dumps({"archive": str(src), "entries": entries}))
     partial.replace(marker)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +44,9 @@ from loco.data.augment import eval_resize_size
 from loco.data.loaders import build_eval_loader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
+from loco.filelock import locked
 from loco.models.backbone import StagedBackbone, build_backbone
 from loco.models.heads import pool
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock
-    fcntl = None
 
 log = logging.getLogger("loco.eval.features")
 
@@ -244,19 +240,6 @@ def cache_descriptor(
     }
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _read_meta(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / "meta.json").read_text())
@@ -322,7 +305,7 @@ def extract_features(
     key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{folder_name}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / ".lock"):
+    with locked(folder / ".lock"):
         meta = _read_meta(folder) or {}
         found = {s: _open_cached(folder, meta, s) for s in wanted} if meta else {}
         todo = [s for s in wanted if found.get(s) is None]

@@ -20,20 +20,15 @@ headline (kNN: the protocol's default k; linear: the head chosen on held-out dat
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from loco.errors import LocoError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no lock
-    fcntl = None
+from loco.filelock import locked
 
 RESULTS = "results.json"
 REQUIRED = (
@@ -97,25 +92,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def write_results(run_dir: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Merge ``rows`` into ``run_dir/results.json`` (same identity: replaced) atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RESULTS
-    with _locked(run_dir / f".{RESULTS}.lock"):
+    with locked(run_dir / f".{RESULTS}.lock"):
         old = read_results(path) if path.is_file() else []
         new_ids = {identity(r) for r in rows}
         merged = [r for r in old if identity(r) not in new_ids] + list(rows)
