@@ -1,0 +1,320 @@
+"""A loco backbone (any timm model) as a Detectron2 ``Backbone``, with FPN on top.
+
+The timm model is built and split by :func:`loco.models.backbone.build_backbone` with
+``split="stages"``; each stage becomes one output named after its stride (``res2`` at
+stride 4 ... ``res5`` at 32), so stock FPN / RPN / ROI-head configs work unchanged. The
+weights are the ``backbone`` entry of a loco checkpoint of any method (or a plain timm /
+torchvision state dict), loaded with :func:`loco.checkpoint.load_backbone_weights`.
+
+Config keys (``add_loco_config``)::
+
+    MODEL.LOCO.CHECKPOINT                   loco checkpoint; "" = random init (scratch)
+    MODEL.LOCO.BACKBONE                     timm name when the checkpoint holds no config
+    MODEL.LOCO.NORM                         FrozenBN | BN | SyncBN for the backbone's BatchNorm
+    MODEL.LOCO.OUT_FEATURES                 ["res2", "res3", "res4", "res5"]
+    MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT  set PIXEL_MEAN/STD, INPUT.FORMAT=RGB from it
+    DATASETS.LOCO_FILES                     [name, json, images] registered from files
+
+``MODEL.BACKBONE.FREEZE_AT`` keeps Detectron2's meaning: 0 trains everything, 1 freezes
+the stem, k >= 2 the stem and ``res2..res{k}``; 5 freezes the whole backbone (the paper's
+readout setting). Frozen parts lose their gradients, their BatchNorm becomes frozen
+(running statistics are never updated), and they stay in eval mode even while the
+detector trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from detectron2.config import CfgNode
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.utils import comm
+from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
+
+from loco import checkpoint as ckpt
+from loco.config import Config, DataConfig, ModelConfig, config_from_dict
+from loco.errors import LocoError
+from loco.models.backbone import StagedBackbone, build_backbone
+
+log = logging.getLogger(__name__)
+
+NORMS = ("FrozenBN", "BN", "SyncBN")
+PROBE_SIZE = 128  # input side used to measure each stage's stride and channels
+
+
+def add_loco_config(cfg: CfgNode) -> CfgNode:
+    """Add the ``MODEL.LOCO`` keys (idempotent) and return ``cfg``."""
+    if "LOCO" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.LOCO = CfgNode()
+    cfg.MODEL.LOCO.CHECKPOINT = ""
+    cfg.MODEL.LOCO.BACKBONE = "resnet50"
+    cfg.MODEL.LOCO.NORM = "FrozenBN"
+    cfg.MODEL.LOCO.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT = True
+    # [name, json, image folder] of datasets registered from files, so that a saved
+    # config.yaml registers them again
+    cfg.DATASETS.LOCO_FILES = []
+    return cfg
+
+
+@dataclass
+class LocoCheckpoint:
+    """What a detector needs from a pretraining checkpoint."""
+
+    model: ModelConfig
+    pretrain_image_size: int
+    mean: list[float]  # RGB, 0..1 scale
+    std: list[float]
+    method: str
+    state: dict[str, torch.Tensor] | None  # timm weights; None = random init
+    source: str
+
+
+def read_loco_checkpoint(path: str, backbone: str = "resnet50") -> LocoCheckpoint:
+    """Read a loco checkpoint (``backbone`` + ``config``) or a plain timm state dict.
+
+    ``path=""`` gives a randomly initialised ``backbone`` with ImageNet statistics.
+    """
+    data = DataConfig()
+    if not path:
+        model = ModelConfig(backbone=backbone, small_image="false")
+        return LocoCheckpoint(model, 224, data.mean, data.std, "random-init", None, "random init")
+    obj = ckpt.load(path)
+    state = ckpt.backbone_state(obj)
+    if isinstance(obj.get("config"), dict):
+        cfg = config_from_dict(obj["config"])
+        method = str((obj.get("meta") or {}).get("method") or cfg.method.name)
+    else:  # a plain timm/torchvision state dict: the name comes from MODEL.LOCO.BACKBONE
+        cfg = Config(model=ModelConfig(backbone=backbone, small_image="false"))
+        method = Path(path).stem
+    return LocoCheckpoint(
+        cfg.model, cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), method, state, path
+    )
+
+
+def _is_small_image(model: ModelConfig, image_size: int) -> bool:
+    value = str(model.small_image).lower()
+    return image_size <= 64 if value == "auto" else value == "true"
+
+
+def build_staged(source: LocoCheckpoint) -> StagedBackbone:
+    """The checkpoint's timm model, split into its feature stages, weights loaded.
+
+    A CIFAR-style stem (3x3 stride-1 conv, no max-pool) is run at stride 4 here (stride-2
+    conv and a max-pool; both parameter-free changes), so ``res2..res5`` keep strides 4..32.
+    """
+    small = _is_small_image(source.model, source.pretrain_image_size)
+    model_cfg = dataclasses.replace(
+        source.model,
+        small_image="true" if small else "false",
+        split="stages",
+        sync_bn=False,
+        drop_path_rate=0.0,
+    )
+    staged = build_backbone(model_cfg, PROBE_SIZE)
+    if source.state is not None:
+        ckpt.load_backbone_weights(staged.body, source.state, source.source)
+    if small:
+        body = staged.body
+        if not (isinstance(getattr(body, "conv1", None), nn.Conv2d) and hasattr(body, "maxpool")):
+            raise LocoError(
+                f"'{source.source}' was pretrained with a small-image stem on {model_cfg.backbone}, "
+                "which cannot run at detection strides; pretrain with model.small_image=false"
+            )
+        body.conv1.stride = (2, 2)
+        body.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        log.warning(
+            "%s was pretrained with a small-image stem (%d px): running its conv1 at stride 2 "
+            "with a max-pool so res2..res5 have strides 4..32",
+            source.source,
+            source.pretrain_image_size,
+        )
+    return staged
+
+
+class LocoBackbone(Backbone):
+    """A :class:`StagedBackbone`'s stages as Detectron2 features ``res2..res5``."""
+
+    def __init__(
+        self,
+        staged: StagedBackbone,
+        out_features: list[str] | tuple[str, ...] = ("res2", "res3", "res4", "res5"),
+        freeze_at: int = 0,
+        norm: str = "FrozenBN",
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.staged = staged
+        strides, channels = self._probe(staged)
+        bad = [s for s in strides if s < 2 or s & (s - 1)]
+        if bad or strides != sorted(set(strides)):
+            raise LocoError(
+                f"{staged.name}: stage strides {strides} are not increasing powers of two, "
+                "so they cannot feed an FPN; pick a CNN backbone (ResNet, ConvNeXt, RegNet, ...)"
+            )
+        self.stage_names = [f"res{int(math.log2(s))}" for s in strides]
+        missing = [f for f in out_features if f not in self.stage_names]
+        if missing:
+            raise LocoError(
+                f"MODEL.LOCO.OUT_FEATURES {list(missing)} not produced by {staged.name}; "
+                f"it has {', '.join(self.stage_names)}"
+            )
+        self._out_features = list(out_features)
+        self._out_feature_strides = {n: s for n, s in zip(self.stage_names, strides)}
+        self._out_feature_channels = {n: c for n, c in zip(self.stage_names, channels)}
+        self._last_stage = max(self.stage_names.index(f) for f in self._out_features)
+        self._frozen: list[str] = []  # module paths in the timm model kept in eval mode
+        self._set_norm(norm, device)
+        self.freeze(freeze_at)
+
+    @staticmethod
+    def _probe(staged: StagedBackbone) -> tuple[list[int], list[int]]:
+        with torch.no_grad():
+            was_training = staged.training
+            staged.eval()
+            outs = staged(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
+            staged.train(was_training)
+        if any(o.dim() != 4 for o in outs):
+            raise LocoError(
+                f"{staged.name} produces tokens, not feature maps; Detectron2 transfer needs a "
+                "convolutional backbone (ResNet, ConvNeXt, RegNet, EfficientNet, ...)"
+            )
+        return [PROBE_SIZE // o.shape[-1] for o in outs], [o.shape[1] for o in outs]
+
+    @property
+    def body(self) -> nn.Module:
+        """The timm model; its state dict is a loco checkpoint's ``backbone`` entry."""
+        return self.staged.body
+
+    def _set_norm(self, norm: str, device: str) -> None:
+        if norm not in NORMS:
+            raise LocoError(f"MODEL.LOCO.NORM={norm!r} is not one of {', '.join(NORMS)}")
+        if norm == "FrozenBN":
+            self.staged.body = freeze_batch_norm_2d(self.staged.body)
+        elif norm == "SyncBN":
+            if comm.get_world_size() > 1 and str(device).startswith("cuda"):
+                self.staged.body = convert_sync_batchnorm(self.staged.body)
+            else:
+                log.warning(
+                    "MODEL.LOCO.NORM=SyncBN needs several CUDA processes (world size %d, device "
+                    "%s): the backbone keeps plain BatchNorm",
+                    comm.get_world_size(),
+                    device,
+                )
+
+    def freeze(self, freeze_at: int) -> LocoBackbone:
+        """Freeze the stem (``freeze_at >= 1``) and the stages ``res2..res{freeze_at}``."""
+        if not 0 <= freeze_at <= 5:
+            raise LocoError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at} must be in 0..5")
+        body = self.staged.body
+        frozen: set[str] = set()
+        units: set[str] = set()
+        for k, name in enumerate(self.stage_names):
+            level = int(name[3:])
+            for unit in self.staged.groups[k]:
+                units.add(unit.path)
+                if level <= freeze_at or (freeze_at >= 1 and not unit.is_block):
+                    module = body.get_submodule(unit.path)
+                    for p in module.parameters():
+                        p.requires_grad_(False)
+                    new = freeze_batch_norm_2d(module)
+                    if new is not module:  # the unit is itself a BatchNorm (a stem part)
+                        parent, _, attr = unit.path.rpartition(".")
+                        setattr(body.get_submodule(parent) if parent else body, attr, new)
+                    frozen.add(unit.path)
+        self._frozen = self._eval_roots(body, frozen, units)
+        self.train(self.training)
+        return self
+
+    @staticmethod
+    def _eval_roots(body: nn.Module, frozen: set[str], units: set[str]) -> list[str]:
+        """The fewest module paths covering the frozen units: a container whose children
+        are all frozen (or never run: modules past the last stage) counts as frozen."""
+        roots: list[str] = []
+
+        def visit(module: nn.Module, path: str) -> bool:
+            if path in frozen:
+                return True
+            children = list(module.named_children())
+            if not children:
+                return path not in units and not any(path.startswith(u + ".") for u in units)
+            done = [visit(child, f"{path}.{name}" if path else name) for name, child in children]
+            return all(done)
+
+        def collect(module: nn.Module, path: str) -> None:
+            if visit(module, path):
+                roots.append(path)
+                return
+            for name, child in module.named_children():
+                collect(child, f"{path}.{name}" if path else name)
+
+        collect(body, "")
+        return roots if frozen else []
+
+    def train(self, mode: bool = True) -> LocoBackbone:
+        super().train(mode)
+        body = self.staged.body
+        for path in self._frozen:
+            (body.get_submodule(path) if path else body).eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = {}
+        for k in range(self._last_stage + 1):
+            x = self.staged.forward_module(k, x)
+            if self.stage_names[k] in self._out_features:
+                outs[self.stage_names[k]] = x
+        return outs
+
+
+def build_loco_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> LocoBackbone:
+    """``MODEL.BACKBONE.NAME: build_loco_backbone``: the loco backbone alone."""
+    if input_shape.channels != 3:
+        raise LocoError(f"loco backbones take 3-channel images, not {input_shape.channels}")
+    source = read_loco_checkpoint(cfg.MODEL.LOCO.CHECKPOINT, cfg.MODEL.LOCO.BACKBONE)
+    log.info(
+        "backbone: %s (%s) from %s, FREEZE_AT=%d, norm %s",
+        source.model.backbone,
+        source.method,
+        source.source,
+        cfg.MODEL.BACKBONE.FREEZE_AT,
+        cfg.MODEL.LOCO.NORM,
+    )
+    return LocoBackbone(
+        build_staged(source),
+        cfg.MODEL.LOCO.OUT_FEATURES,
+        cfg.MODEL.BACKBONE.FREEZE_AT,
+        cfg.MODEL.LOCO.NORM,
+        cfg.MODEL.DEVICE,
+    )
+
+
+def build_loco_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """``MODEL.BACKBONE.NAME: build_loco_fpn_backbone``: FPN over the loco backbone."""
+    return FPN(
+        bottom_up=build_loco_backbone(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+def register() -> None:
+    """Add both builders to ``BACKBONE_REGISTRY`` unless already there (safe to repeat)."""
+    for fn in (build_loco_backbone, build_loco_fpn_backbone):
+        if fn.__name__ not in BACKBONE_REGISTRY:
+            BACKBONE_REGISTRY.register(fn)
+
+
+register()
