@@ -59,7 +59,10 @@ class Method(nn.Module):
     def projection_heads(self, modules: list[int]) -> nn.ModuleDict:
         """One decoder per local loss, keyed by module index (as a string)."""
         return nn.ModuleDict(
-            {str(k): ProjectionDecoder(self.backbone.channels[k], self.cfg.decoder) for k in modules}
+            {
+                str(k): ProjectionDecoder(self.backbone.channels[k], self.cfg.decoder)
+                for k in modules
+            }
         )
 
     def contrastive_loss(self, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -88,5 +91,7 @@ class Method(nn.Module):
         return pool(h.detach()).float()
 
     # -- the algorithm -------------------------------------------------------------
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+    def training_step(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> StepOutput:
         raise NotImplementedError

@@ -16,7 +16,9 @@ class EndToEnd(Method):
         self.top = backbone.num_modules - 1
         self.heads = self.projection_heads([self.top])
 
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+    def training_step(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> StepOutput:
         h = self.backbone(torch.cat(views))[-1]
         loss = self.head_loss(self.top, h)
         loss.backward()

@@ -20,7 +20,9 @@ class Greedy(Method):
         super().__init__(backbone, cfg)
         self.heads = self.projection_heads(list(range(backbone.num_modules)))
 
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+    def training_step(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> StepOutput:
         x, losses = torch.cat(views), {}
         for k in range(self.backbone.num_modules):
             h = self.backbone.forward_module(k, x.detach())  # stop-gradient at the boundary

@@ -30,7 +30,10 @@ class InfoPro(Method):
         super().__init__(backbone, cfg)
         n, m = backbone.num_modules, cfg.method
         self.lambdas = [
-            (interpolate(m.lambda1_first, m.lambda1_last, k, n), interpolate(m.lambda2_first, m.lambda2_last, k, n))
+            (
+                interpolate(m.lambda1_first, m.lambda1_last, k, n),
+                interpolate(m.lambda2_first, m.lambda2_last, k, n),
+            )
             for k in range(n)
         ]
         if any(c == 0 for c in backbone.reductions):
@@ -41,7 +44,11 @@ class InfoPro(Method):
             {str(k): InfoProContrastiveHead(backbone.channels[k], cfg.decoder) for k in range(n)}
         )
         self.decoders = nn.ModuleDict(
-            {str(k): ReconstructionDecoder(backbone.channels[k], backbone.image_size) for k in range(n) if self.lambdas[k][0] > 0}
+            {
+                str(k): ReconstructionDecoder(backbone.channels[k], backbone.image_size)
+                for k in range(n)
+                if self.lambdas[k][0] > 0
+            }
         )
         mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
         std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
@@ -64,7 +71,9 @@ class InfoPro(Method):
             loss = loss + lam_rec * reconstruction_bce(self.decoders[str(k)](h), target)
         return loss
 
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+    def training_step(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> StepOutput:
         if self.supervised and labels is None:
             raise ValueError("method.supervised=true needs labels")
         x, losses = torch.cat(views), {}

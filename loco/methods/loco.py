@@ -13,6 +13,10 @@ sends down through module k, so its backward waits until module k has run. Modul
 backward is split in two (as zero-bubble pipeline schedules do): an input-gradient pass
 with L_k's cotangent only (that is all that may cross the boundary), and one
 weight-gradient pass with the summed cotangents, so no weight gradient is computed twice.
+The top module gets nothing from above, so there both come from one backward pass. With
+activation recomputation (``train.recompute``), a recomputed segment of a middle module
+keeps its activations through the first pass and is recomputed once, for the second
+(:class:`loco.models.backbone.ModuleGraph`).
 """
 
 from __future__ import annotations
@@ -32,28 +36,35 @@ class LoCo(Method):
         if backbone.num_modules < 2:
             from loco.errors import LocoError
 
-            raise LocoError("method.name=loco needs at least 2 local modules; use a finer model.split")
+            raise LocoError(
+                "method.name=loco needs at least 2 local modules; use a finer model.split"
+            )
         self.loss_modules = list(range(first, backbone.num_modules))
         self.heads = self.projection_heads(self.loss_modules)
         self.upper_only = cfg.method.shared_update == "upper"
 
-    def training_step(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+    def training_step(
+        self, views: list[torch.Tensor], labels: torch.Tensor | None = None
+    ) -> StepOutput:
         x, losses = torch.cat(views), {}
-        below = None  # (output, own cotangent) of module k-1, waiting for L_k's feedback
-        for k in range(self.backbone.num_modules):
+        top = self.backbone.num_modules - 1
+        below = None  # (graph, own cotangent) of module k-1, waiting for L_k's feedback
+        for k in range(top + 1):
             x_in = x.detach().requires_grad_(k > 0)  # L_k may reach module k-1, not further
-            h = self.backbone.forward_module(k, x_in)
+            # middle modules are backpropagated twice (input gradient now, weights later)
+            graph = self.backbone.forward_graph(k, x_in, passes=1 if k in (0, top) else 2)
+            h = graph.output
             if k in self.loss_modules:
                 losses[f"loss/s{k + 1}"], own = self.local_loss(k, h)
             else:
                 own = torch.zeros_like(h)
             if below is not None:
-                h_below, own_below = below
-                (feedback,) = torch.autograd.grad(h, x_in, own, retain_graph=True)
-                weight_cot = feedback if self.upper_only else own_below + feedback
-                torch.autograd.backward(h_below, weight_cot, inputs=self.module_params(k - 1))
-            below = (h, own)
+                # nothing comes from above the top: one pass gives its weights and the feedback
+                feedback = (
+                    graph.backward(own, input_grad=True) if k == top else graph.input_grad(own)
+                )
+                graph_below, own_below = below
+                graph_below.backward(feedback if self.upper_only else own_below + feedback)
+            below = (graph, own)
             x = h
-        h_top, own_top = below
-        torch.autograd.backward(h_top, own_top, inputs=self.module_params(self.backbone.num_modules - 1))
         return StepOutput(losses, self.readout(x))

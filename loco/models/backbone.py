@@ -10,7 +10,8 @@ addressed by their path in the timm model. Stage boundaries come from timm's
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import timm
@@ -46,6 +47,12 @@ class _ViTEmbed(nn.Module):
         return vit.norm_pre(x)
 
 
+def _run_sequence(mods: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for mod in mods:
+        x = mod(x)
+    return x
+
+
 def _is_small_image(cfg: ModelConfig, image_size: int) -> bool:
     value = str(cfg.small_image).lower()
     return image_size <= 64 if value == "auto" else value == "true"
@@ -71,9 +78,13 @@ def _flatten(module: nn.Module, path: str) -> list[str]:
     if isinstance(module, nn.Sequential) and len(module) > 0:
         return [f"{path}.{name}" for name, _ in module.named_children()]
     blocks = getattr(module, "blocks", None)
-    if isinstance(blocks, nn.Sequential) and isinstance(getattr(module, "downsample", None), nn.Module):
+    if isinstance(blocks, nn.Sequential) and isinstance(
+        getattr(module, "downsample", None), nn.Module
+    ):
         if type(module).forward.__qualname__.startswith(("ConvNeXtStage",)):
-            return [f"{path}.downsample"] + [f"{path}.blocks.{n}" for n, _ in blocks.named_children()]
+            return [f"{path}.downsample"] + [
+                f"{path}.blocks.{n}" for n, _ in blocks.named_children()
+            ]
     return [path]
 
 
@@ -115,10 +126,13 @@ def _walk_units(model: nn.Module) -> list[Unit]:
 
     units, stage = [], 0
     for path in paths:
-        owner = path if path in bounds else next((b for b in bounds if path.startswith(b + ".")), None)
+        owner = (
+            path if path in bounds else next((b for b in bounds if path.startswith(b + ".")), None)
+        )
         units.append(Unit(path, stage, is_block=owner is not None))
         is_last_of_bound = owner is not None and (
-            path == owner or not any(p.startswith(owner + ".") for p in paths[paths.index(path) + 1 :])
+            path == owner
+            or not any(p.startswith(owner + ".") for p in paths[paths.index(path) + 1 :])
         )
         if is_last_of_bound and stage < len(bounds) - 1:
             stage += 1
@@ -177,7 +191,13 @@ class StagedBackbone(nn.Module):
         self.body = model
         self.name = name
         self.groups = groups
-        self.recompute: list[bool] = [False] * len(groups)
+        self._segments = [self._make_segments(g) for g in groups]
+        # recompute[k]: True = module k keeps only its segments' inputs and recomputes each
+        # segment (the stem, or one residual/transformer block) during backward; an int n =
+        # only its first n segments; False = keep all activations.
+        self.recompute: list[bool | int] = [False] * len(groups)
+        # entered around every recomputation (loco.profiling counts what it keeps alive)
+        self.recompute_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self._embed = _ViTEmbed(model) if hasattr(model, "_pos_embed") else None
         with torch.no_grad():
             was_training = model.training
@@ -211,14 +231,54 @@ class StagedBackbone(nn.Module):
                 seen.setdefault(id(p), p)
         return [p for p in seen.values() if p.requires_grad]
 
-    def forward_module(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.groups[k]:
-            mod = self.unit_module(unit)
-            if self.recompute[k] and self.training and torch.is_grad_enabled():
-                x = checkpoint(mod, x, use_reentrant=False)
+    def segments(self, k: int) -> list[list[Unit]]:
+        """Module k's units in recomputation segments: one per block, and one for each run of
+        stem parts (a stem part alone would keep its input and save nothing)."""
+        return self._segments[k]
+
+    @staticmethod
+    def _make_segments(units: list[Unit]) -> list[list[Unit]]:
+        out: list[list[Unit]] = []
+        for unit in units:
+            if not unit.is_block and out and not out[-1][-1].is_block:
+                out[-1].append(unit)
             else:
-                x = mod(x)
+                out.append([unit])
+        return out
+
+    def recomputed_segments(self, k: int) -> int:
+        r = self.recompute[k]
+        if isinstance(r, bool):
+            return len(self.segments(k)) if r else 0
+        return max(0, min(int(r), len(self.segments(k))))
+
+    def forward_module(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        n_recompute = (
+            self.recomputed_segments(k) if self.training and torch.is_grad_enabled() else 0
+        )
+        for i, segment in enumerate(self.segments(k)):
+            mods = [self.unit_module(u) for u in segment]
+            if i < n_recompute:
+                x = checkpoint(
+                    _run_sequence,
+                    mods,
+                    x,
+                    use_reentrant=False,
+                    context_fn=self._checkpoint_contexts,
+                )
+            else:
+                x = _run_sequence(mods, x)
         return x
+
+    def _checkpoint_contexts(
+        self,
+    ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        recompute = (
+            self.recompute_context()
+            if self.recompute_context is not None
+            else contextlib.nullcontext()
+        )
+        return contextlib.nullcontext(), recompute
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -226,6 +286,10 @@ class StagedBackbone(nn.Module):
             x = self.forward_module(k, x)
             outs.append(x)
         return outs
+
+    def forward_graph(self, k: int, x: torch.Tensor, passes: int = 1) -> ModuleGraph:
+        """Run module k for a backward in ``passes`` (1 or 2) explicit passes; see :class:`ModuleGraph`."""
+        return ModuleGraph(self, k, x, passes)
 
     def iter_modules(self) -> Iterator[int]:
         return iter(range(self.num_modules))
@@ -237,6 +301,126 @@ class StagedBackbone(nn.Module):
             span = first if first == last else f"{first} .. {last}"
             rows.append(f"  S{k + 1}: {span} ({len(g)} units) -> {self.channels[k]} ch")
         return "\n".join(rows)
+
+
+class ModuleGraph:
+    """Module k's forward, kept for an explicit backward in one or two passes.
+
+    Local methods backpropagate module by module. With two passes (LoCo's middle modules:
+    first the input gradient for the module below, later the weight gradient once the loss
+    above has sent its cotangent) ``torch.utils.checkpoint`` would recompute a segment for
+    each pass. Here the recomputed segments (``backbone.recompute[k]``) keep their
+    activations through the first pass, which frees them, and the last pass recomputes each
+    segment once, top-down, so only one segment's activations are alive at a time. With one
+    pass a recomputed segment keeps only its input from the start, as a checkpoint does.
+
+    The recomputed segments form a chain of graphs joined at detached boundaries (their
+    inputs, which are kept); the segments above them form one ordinary graph. A recomputed
+    segment sees the same random numbers again; BatchNorm running statistics are updated
+    once more, as with any activation checkpointing.
+    """
+
+    def __init__(self, backbone: StagedBackbone, k: int, x: torch.Tensor, passes: int = 1) -> None:
+        if passes not in (1, 2):
+            raise ValueError("passes must be 1 or 2")
+        grad = backbone.training and torch.is_grad_enabled()
+        n = backbone.recomputed_segments(k) if grad else 0
+        self.x = x
+        self.modules = [[backbone.unit_module(u) for u in seg] for seg in backbone.segments(k)]
+        self.n_recomputed = n
+        self.passes_left = passes
+        self.inputs: list[torch.Tensor] = []  # input of each recomputed segment (kept)
+        self.outputs: list[torch.Tensor | None] = []  # its output, while its graph is kept
+        self.rng: list[_RngState] = []
+        h = x
+        for j in range(n):
+            h_in = x if j == 0 else h.detach().requires_grad_(True)
+            self.rng.append(_RngState(h_in.device))
+            with torch.set_grad_enabled(passes == 2):
+                h = _run_sequence(self.modules[j], h_in)
+            self.inputs.append(h_in)
+            self.outputs.append(h if passes == 2 else None)
+        self.top_input = h.detach().requires_grad_(True) if n else x
+        self.output = _run_sequence([m for seg in self.modules[n:] for m in seg], self.top_input)
+
+    @staticmethod
+    def _params(segments: list[list[nn.Module]]) -> list[nn.Parameter]:
+        seen = {
+            id(p): p for seg in segments for m in seg for p in m.parameters() if p.requires_grad
+        }
+        return list(seen.values())
+
+    def input_grad(self, cotangent: torch.Tensor) -> torch.Tensor:
+        """First of two passes: the gradient of <output, cotangent> w.r.t. the module's input
+        only. Keeps the top graph for :meth:`backward`; frees the recomputed segments'."""
+        assert self.passes_left == 2, "input_grad is the first of two passes"
+        self.passes_left = 1
+        g = cotangent
+        if self.output is not self.top_input:
+            (g,) = torch.autograd.grad(self.output, self.top_input, g, retain_graph=True)
+        for j in reversed(range(self.n_recomputed)):
+            out, self.outputs[j] = self.outputs[j], None
+            (g,) = torch.autograd.grad(out, self.inputs[j], g)
+        return g
+
+    def backward(self, cotangent: torch.Tensor, input_grad: bool = False) -> torch.Tensor | None:
+        """The last pass: weight gradients into ``.grad``, and the input's gradient if asked.
+        Recomputes each recomputed segment once, top-down."""
+        assert self.passes_left >= 1, "the graph was already used"
+        self.passes_left = 0
+        n, g = self.n_recomputed, cotangent
+        want_x = input_grad and self.x.requires_grad
+        if self.output is not self.top_input:
+            g = _backward(
+                self.output,
+                g,
+                self._params(self.modules[n:]),
+                self.top_input if n or want_x else None,
+            )
+        for j in reversed(range(n)):
+            self.outputs[j] = None
+            h_in = self.inputs[j]
+            with self.rng[j].restored():
+                out = _run_sequence(self.modules[j], h_in)
+            g = _backward(
+                out, g, self._params([self.modules[j]]), h_in if j > 0 or want_x else None
+            )
+        return g if want_x else None
+
+
+def _backward(
+    out: torch.Tensor,
+    cotangent: torch.Tensor,
+    params: list[nn.Parameter],
+    leaf: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Accumulate d<out, cotangent>/dparams into ``.grad``; return d/d``leaf`` (if given)."""
+    inputs = [*params, *([leaf] if leaf is not None else [])]
+    if leaf is None:
+        torch.autograd.backward(out, cotangent, inputs=inputs)
+        return None
+    leaf.grad = None
+    torch.autograd.backward(out, cotangent, inputs=inputs)
+    g, leaf.grad = leaf.grad, None
+    return g
+
+
+class _RngState:
+    """The random-number state a segment ran with, to run it again identically."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:

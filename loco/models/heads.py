@@ -59,7 +59,9 @@ class ProjectionDecoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() == 3 and not isinstance(self.block, nn.Identity):
-            raise ValueError("decoder.conv_block needs feature maps; token backbones use conv_block=false")
+            raise ValueError(
+                "decoder.conv_block needs feature maps; token backbones use conv_block=false"
+            )
         return self.mlp(pool(self.block(h)))
 
 

@@ -1,0 +1,632 @@
+"""``loco bench``: FLOPs, activation memory and throughput of each method, as ratios to e2e.
+
+Every figure is measured in this process on the same backbone, batch and image size, and
+reported next to its ratio to e2e (no recomputation), so the ratios hold on any machine:
+
+* FLOPs of one training step (forward + backward + recomputation), split into backbone and
+  decoders (the decoders' forward + backward, counted on their own);
+* peak activation memory: the most bytes of tensors saved for backward alive at once
+  (:class:`loco.profiling.SavedTensorTracker`), and what was alive at that moment, by module;
+* peak step memory: every tensor the step allocates (:class:`loco.profiling.LiveTensorTracker`);
+* parameter, gradient and optimizer-state bytes;
+* wall-clock images/s (CPU, or CUDA with bf16 and channels_last, where
+  ``torch.cuda.max_memory_allocated`` and the largest batch that fits are added).
+
+    loco bench --backbone resnet50 --image-size 224 --batch 8 \\
+        --methods e2e,greedy,loco,loco_naive,infopro --split stages --recompute none,stage1 \\
+        --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from loco.config import Config, load_config
+from loco.errors import LocoError
+from loco.methods import METHODS, Method, build_method
+from loco.methods.reference import naive_loco
+from loco.models.backbone import VIT_EMBED, build_backbone
+from loco.optim import build_optimizer
+from loco.profiling import (
+    LiveTensorTracker,
+    SavedTensorTracker,
+    count_flops,
+    plan_recompute,
+    state_bytes,
+    track_step,
+)
+
+log = logging.getLogger("loco.bench")
+
+NAIVE = "loco_naive"  # the straightforward LoCo of loco.methods.reference
+RECOMPUTE_MODES = ("none", "stage1", "all")
+MiB = 2**20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", help="YAML config whose model/decoder/method sections are used"
+    )
+    parser.add_argument(
+        "--backbone", help="any timm model with feature_info (default: the config's, else resnet50)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="default: the config's data.image_size, else 224"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=8, help="images per step (each gives two views)"
+    )
+    parser.add_argument(
+        "--methods",
+        default="e2e,greedy,loco,loco_naive,infopro",
+        help=f"comma list of {', '.join([*sorted(METHODS), NAIVE])}; e2e is always measured (the baseline)",
+    )
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        help="stages | blocks | N | [cut, points]; comma list or repeated (default: stages)",
+    )
+    parser.add_argument(
+        "--recompute",
+        default="none",
+        help="comma list of: none | stage1 | all | auto=RATIO (recompute until the peak saved bytes "
+        "are RATIO x e2e's) | a plan such as 'S1=all;S2=1' (module k recomputes its first n segments)",
+    )
+    parser.add_argument(
+        "--plan-batch", type=int, default=2, help="batch used to plan auto recomputation"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="timed steps per row (after one warm-up); 0 = no timing",
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--compile", action="store_true", help="also time with torch.compile per block"
+    )
+    parser.add_argument(
+        "--max-batch", action="store_true", help="CUDA: binary-search the largest batch that fits"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", default="bench.json", help="JSON results; a .md table is written next to it"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. decoder.mlp_layers=4 method.first_stage_loss=false",
+    )
+
+
+# -- what one row measures ----------------------------------------------------------------
+@dataclass
+class Row:
+    method: str
+    split: Any
+    recompute: str  # as asked (e.g. "auto=0.45")
+    plan: str = "none"  # what ran: StagedBackbone.recompute as "S1=all;S2=1"
+    modules: int = 0
+    flops: int = 0
+    flops_decoder: int = 0
+    saved_peak: int = 0
+    saved_peak_by_owner: dict[str, int] = field(default_factory=dict)
+    saved_total: int = 0
+    live_peak: int = 0
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    step_s: float | None = None
+    cpu_s: float | None = None  # process CPU seconds per step (all threads): robust to other load
+    img_per_s: float | None = None
+    compiled_img_per_s: float | None = None
+    cuda_peak: int | None = None
+    cuda_max_batch: int | None = None
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops_backbone(self) -> int:
+        return self.flops - self.flops_decoder
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["flops_backbone"] = self.flops_backbone
+        return d
+
+
+def parse_recompute(text: str, n_modules: int) -> list[bool | int]:
+    """``none`` | ``stage1`` | ``all`` | ``S1=all;S2=1`` -> StagedBackbone.recompute."""
+    if text == "none":
+        return [False] * n_modules
+    if text == "stage1":
+        return [True] + [False] * (n_modules - 1)
+    if text == "all":
+        return [True] * n_modules
+    plan: list[bool | int] = [False] * n_modules
+    for part in text.split(";"):
+        try:
+            name, value = part.split("=")
+            k = int(name.strip().lstrip("Ss")) - 1
+            if not 0 <= k < n_modules:
+                raise IndexError
+            plan[k] = True if value.strip() == "all" else int(value)
+        except (ValueError, IndexError):
+            raise LocoError(
+                f"--recompute '{text}' not understood; use none, stage1, all, auto=RATIO, or e.g. "
+                f"'S1=all;S2=1' (modules S1..S{n_modules}, n = number of leading segments)"
+            ) from None
+    return plan
+
+
+def format_plan(plan: list[bool | int]) -> str:
+    parts = [f"S{k + 1}={'all' if r is True else int(r)}" for k, r in enumerate(plan) if r]
+    return ";".join(parts) or "none"
+
+
+def build(cfg: Config, method_name: str, recompute: str, seed: int) -> Method:
+    """The method (``loco_naive``: the reference LoCo) on a fresh backbone, in train mode."""
+    cfg.method.name = "loco" if method_name == NAIVE else method_name
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg.model, cfg.data.image_size)
+    backbone.recompute = parse_recompute(recompute, backbone.num_modules)
+    method = build_method(backbone, cfg)
+    if method_name == NAIVE:
+        method = naive_loco(method)
+    return method.train()
+
+
+def inner(method: Method) -> Method:
+    """The method that owns the heads (the reference wraps the method it mirrors)."""
+    return getattr(method, "method", method)
+
+
+def decoder_flops(method: Method, views: list[torch.Tensor]) -> int:
+    """FLOPs of every local loss's decoder, forward + backward (into its input), on its own."""
+    owner = inner(method)
+    x = torch.cat(views)
+    if hasattr(owner, "_images"):
+        owner._images = x
+    with torch.no_grad():
+        outs = owner.backbone(x)
+    keys = sorted(
+        {int(k) for child in owner.children() if isinstance(child, nn.ModuleDict) for k in child}
+    )
+    total = 0
+    for k in keys:
+        h = outs[k].detach().requires_grad_(True)
+        total += count_flops(lambda k=k, h=h: owner.head_loss(k, h).backward())
+    if hasattr(owner, "_images"):
+        owner._images = None
+    owner.zero_grad(set_to_none=True)
+    return total
+
+
+def measure_row(
+    cfg: Config,
+    name: str,
+    recompute: str,
+    plan: str,
+    views: list[torch.Tensor],
+    args: argparse.Namespace,
+) -> Row:
+    method = build(cfg, name, plan, args.seed)
+    bb = method.backbone
+    row = Row(name, cfg.model.split, recompute, format_plan(bb.recompute), modules=bb.num_modules)
+
+    def step() -> None:
+        method.zero_grad(set_to_none=True)
+        method.training_step(views)
+
+    row.flops = count_flops(step)
+    row.flops_decoder = decoder_flops(method, views)
+
+    with LiveTensorTracker() as live:
+        saved = track_step(method, views)
+    row.saved_peak, row.saved_peak_by_owner = saved.peak, saved.peak_by_owner
+    row.saved_total, row.live_peak = saved.saved_total, live.peak
+
+    optimizer = build_optimizer(method, cfg.optim, 1)
+    optimizer.step()
+    row.params, row.grads, row.optimizer = state_bytes(method, optimizer).values()
+    if args.steps > 0:
+        row.step_s, row.cpu_s = time_steps(method, optimizer, views, args.steps)
+        row.img_per_s = views[0].shape[0] / row.step_s
+        if args.compile:
+            compiled = build(cfg, name, plan, args.seed)
+            compile_blocks(compiled)
+            opt = build_optimizer(compiled, cfg.optim, 1)
+            row.compiled_img_per_s = (
+                views[0].shape[0] / time_steps(compiled, opt, views, args.steps)[0]
+            )
+    return row
+
+
+def time_steps(
+    method: Method, optimizer: torch.optim.Optimizer, views: list[torch.Tensor], steps: int
+) -> tuple[float, float]:
+    """Median wall-clock and process-CPU seconds of one training iteration (zero_grad,
+    step, optimizer step), after one warm-up iteration."""
+    wall, cpu = [], []
+    device = views[0].device
+    for i in range(steps + 1):
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device):
+            method.training_step(views)
+        optimizer.step()
+        _sync(device)
+        if i > 0:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def compile_blocks(method: Method) -> None:
+    """torch.compile every unit of the backbone on its own (graph breaks stay at block edges)."""
+    # LoCo backpropagates a middle module twice (retain_graph); compiled backward graphs may
+    # not donate (reuse) their saved buffers then
+    torch._functorch.config.donated_buffer = False
+    bb = method.backbone
+    for unit in [u for g in bb.groups for u in g]:
+        if unit.path == VIT_EMBED:
+            continue  # a pseudo-unit over several ViT modules: left eager
+        parent_path, _, attr = unit.path.rpartition(".")
+        parent = bb.body.get_submodule(parent_path) if parent_path else bb.body
+        setattr(parent, attr, torch.compile(getattr(parent, attr)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+
+
+# -- CUDA ------------------------------------------------------------------------------------
+def cuda_measure(cfg: Config, row: Row, args: argparse.Namespace, device: torch.device) -> None:
+    """Peak allocated bytes of one bf16 channels_last step, and optionally the largest batch."""
+    method = (
+        build(cfg, row.method, row.plan, args.seed).to(device).to(memory_format=torch.channels_last)
+    )
+    optimizer = build_optimizer(method, cfg.optim, 1)
+
+    def views_of(batch: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(args.seed)
+        shape = (batch, 3, cfg.data.image_size, cfg.data.image_size)
+        return [
+            torch.randn(shape, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+            for _ in range(2)
+        ]
+
+    def peak(batch: int) -> int:
+        """Bytes allocated at the step's peak beyond what was there before (weights, inputs)."""
+        optimizer.zero_grad(set_to_none=True)
+        views = views_of(batch)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with _autocast(device):
+            method.training_step(views)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+
+    row.cuda_peak = peak(args.batch)
+    if args.steps > 0:
+        views = views_of(args.batch)
+        row.step_s, row.cpu_s = time_steps(method, optimizer, views, args.steps)
+        row.img_per_s = args.batch / row.step_s
+    if args.max_batch:
+        row.cuda_max_batch = largest_batch(lambda b: _fits(peak, b), start=args.batch)
+
+
+def _fits(peak: Callable[[int], int], batch: int) -> bool:
+    try:
+        peak(batch)
+        return True
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return False
+
+
+def largest_batch(fits: Callable[[int], bool], start: int = 8, limit: int = 1 << 16) -> int:
+    """Largest b with fits(b), by doubling from ``start`` and then bisecting (0 if none)."""
+    lo, hi = 0, start
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0:  # even `start` does not fit: bisect below it
+        hi = start
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# -- per-module profile ---------------------------------------------------------------------
+def module_profile(
+    cfg: Config, recompute: str, views: list[torch.Tensor], seed: int
+) -> list[dict[str, Any]]:
+    """Per local module: forward FLOPs, and bytes saved for backward by its forward alone
+    (with the row's recomputation, i.e. what it keeps while waiting for its backward)."""
+    method = build(cfg, "greedy", recompute, seed)
+    bb = method.backbone
+    exclude = [*method.parameters(), *method.buffers()]
+    x, rows = torch.cat(views), []
+    for k in range(bb.num_modules):
+        x_in = x.detach().requires_grad_(k > 0)
+        flops = count_flops(lambda k=k, x_in=x_in: bb.forward_module(k, x_in))
+        with SavedTensorTracker(exclude) as saved:
+            h = bb.forward_module(k, x_in)
+            resident = saved.live
+        del h
+        rows.append(
+            {
+                "module": f"S{k + 1}",
+                "span": f"{bb.groups[k][0].path} .. {bb.groups[k][-1].path}",
+                "segments": len(bb.segments(k)),
+                "recomputed_segments": bb.recomputed_segments(k),
+                "flops_forward": flops,
+                "saved_bytes": resident,
+            }
+        )
+        with torch.no_grad():
+            x = bb.forward_module(k, x)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------
+def add_ratios(rows: list[Row], base: Row) -> None:
+    for row in rows:
+        r = {
+            "flops": row.flops / base.flops,
+            "flops_backbone": row.flops_backbone / base.flops_backbone,
+            "saved_peak": row.saved_peak / base.saved_peak,
+            "live_peak": row.live_peak / base.live_peak,
+        }
+        if row.img_per_s and base.img_per_s:
+            r["img_per_s"] = row.img_per_s / base.img_per_s
+        if row.cpu_s and base.cpu_s:  # throughput per CPU-second: less sensitive to other load
+            r["img_per_cpu_s"] = base.cpu_s / row.cpu_s
+        if row.compiled_img_per_s and base.compiled_img_per_s:
+            r["compiled_img_per_s"] = row.compiled_img_per_s / base.compiled_img_per_s
+        if row.cuda_peak and base.cuda_peak:
+            r["cuda_peak"] = row.cuda_peak / base.cuda_peak
+        row.ratios = r
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    has_time = any(r["img_per_s"] for r in rows)
+    has_compile = any(r["compiled_img_per_s"] for r in rows)
+    has_cuda = any(r["cuda_peak"] for r in rows)
+    head = [
+        "method",
+        "split",
+        "recompute",
+        "GFLOPs",
+        "FLOPs ×e2e",
+        "backbone ×e2e",
+        "decoder GFLOPs",
+        "peak saved MiB",
+        "saved ×e2e",
+        "peak step MiB",
+        "step ×e2e",
+    ]
+    if has_time:
+        head += ["img/s", "img/s ×e2e", "img/CPU-s ×e2e"]
+    if has_compile:
+        head += ["compiled img/s"]
+    if has_cuda:
+        head += ["CUDA peak MiB", "CUDA ×e2e", "max batch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        q = r["ratios"]
+        cells = [
+            r["method"],
+            str(r["split"]),
+            r["recompute"],
+            f"{r['flops'] / 1e9:.2f}",
+            f"{q['flops']:.2f}",
+            f"{q['flops_backbone']:.2f}",
+            f"{r['flops_decoder'] / 1e9:.3f}",
+            f"{r['saved_peak'] / MiB:.0f}",
+            f"{q['saved_peak']:.2f}",
+            f"{r['live_peak'] / MiB:.0f}",
+            f"{q['live_peak']:.2f}",
+        ]
+        if has_time:
+            cells += [
+                f"{r['img_per_s']:.2f}" if r["img_per_s"] else "-",
+                f"{q.get('img_per_s', 0):.2f}",
+                f"{q.get('img_per_cpu_s', 0):.2f}",
+            ]
+        if has_compile:
+            cells += [f"{r['compiled_img_per_s']:.2f}" if r["compiled_img_per_s"] else "-"]
+        if has_cuda:
+            cells += [
+                f"{(r['cuda_peak'] or 0) / MiB:.0f}",
+                f"{q.get('cuda_peak', 0):.2f}",
+                str(r["cuda_max_batch"] or "-"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = [
+        "\n".join(lines),
+        "",
+        "What was alive at each method's peak (saved for backward, MiB, by owner):",
+        "",
+    ]
+    for r in rows:
+        parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in sorted(r["saved_peak_by_owner"].items()))
+        out.append(f"- {r['method']} / {r['split']} / {r['recompute']}: {parts}")
+    out += ["", "Per module (forward FLOPs; bytes its forward saves for backward):", ""]
+    for prof in result["modules"]:
+        out.append(f"split {prof['split']}, recompute {prof['recompute']}:")
+        out.append("")
+        out.append("| module | span | GFLOPs fwd | saved MiB | recomputed segments |")
+        out.append("|---|---|---|---|---|")
+        for m in prof["profile"]:
+            out.append(
+                f"| {m['module']} | {m['span']} | {m['flops_forward'] / 1e9:.2f} | {m['saved_bytes'] / MiB:.1f} "
+                f"| {m['recomputed_segments']}/{m['segments']} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+# -- entry point -----------------------------------------------------------------------------
+def _splits(values: list[str] | None) -> list[Any]:
+    out: list[Any] = []
+    for value in values or ["stages"]:
+        if value.strip().startswith("["):
+            out.append(yaml.safe_load(value))
+            continue
+        for token in value.split(","):
+            token = token.strip()
+            out.append(int(token) if token.isdigit() else token)
+    return out
+
+
+def auto_plan(
+    cfg: Config,
+    name: str,
+    ratio: float,
+    views: list[torch.Tensor],
+    seed: int,
+    cache: dict[str, int],
+) -> str:
+    """The recomputation that brings ``name``'s peak saved bytes to ``ratio`` x e2e's."""
+    if "e2e" not in cache:
+        cache["e2e"] = track_step(build(cfg, "e2e", "none", seed), views).peak
+    method = build(cfg, name, "none", seed)
+    plan = format_plan(plan_recompute(method, views, int(ratio * cache["e2e"])))
+    log.info("auto=%s for %s: recompute %s", ratio, name, plan)
+    return plan
+
+
+def _auto_ratio(spec: str) -> float | None:
+    if not spec.startswith("auto"):
+        return None
+    try:
+        return float(spec.split("=", 1)[1]) if "=" in spec else 0.45
+    except ValueError:
+        raise LocoError(
+            f"--recompute '{spec}': use auto=RATIO, e.g. auto=0.45 (of e2e's peak)"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    cfg.model.backbone = args.backbone or (cfg.model.backbone if args.config else "resnet50")
+    cfg.data.image_size = args.image_size or (cfg.data.image_size if args.config else 224)
+    cfg.optim.batch_size = args.batch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS and m != NAIVE]
+    if unknown:
+        raise LocoError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join([*sorted(METHODS), NAIVE])}"
+        )
+    names = ["e2e"] + [m for m in names if m != "e2e"]
+    specs = [r.strip() for r in args.recompute.split(",") if r.strip()]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LocoError("--device cuda but no CUDA device is visible")
+    device = torch.device(
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch, 3, cfg.data.image_size, cfg.data.image_size)
+    views = [torch.randn(shape, generator=g) for _ in range(2)]
+    plan_views = [v[: args.plan_batch] for v in views]  # saved bytes scale with the batch
+    cpu_args = argparse.Namespace(
+        **{**vars(args), "steps": args.steps if device.type == "cpu" else 0}
+    )
+    rows: list[Row] = []
+    profiles: dict[tuple[str, str], dict[str, Any]] = {}
+    splits = _splits(args.split)
+    jobs = [(split, spec, name) for split in splits for spec in specs for name in names]
+    if "none" not in specs:  # the baseline of every ratio: e2e without recomputation
+        jobs.insert(0, (splits[0], "none", "e2e"))
+    caches: dict[str, dict[str, int]] = {}
+    for split, spec, name in jobs:
+        cfg.model.split = split
+        cache = caches.setdefault(str(split), {})
+        ratio = _auto_ratio(spec)
+        plan = spec if ratio is None else auto_plan(cfg, name, ratio, plan_views, args.seed, cache)
+        log.info("bench %s split=%s recompute=%s (%s)", name, split, spec, plan)
+        t0 = time.perf_counter()
+        row = measure_row(cfg, name, spec, plan, views, cpu_args)
+        if device.type == "cuda":
+            cuda_measure(cfg, row, args, device)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        log.info(
+            "  %.1f GFLOPs, peak saved %.0f MiB, %.1f s",
+            row.flops / 1e9,
+            row.saved_peak / MiB,
+            time.perf_counter() - t0,
+        )
+        key = (str(split), row.plan)
+        if key not in profiles:
+            profiles[key] = {
+                "split": split,
+                "recompute": row.plan,
+                "profile": module_profile(cfg, row.plan, views, args.seed),
+            }
+    baseline = [r for r in rows if r.method == "e2e" and r.plan == "none"]
+    base = baseline[0] if baseline else rows[0]
+    add_ratios(rows, base)
+    result = {
+        "command": "loco bench " + " ".join(sys.argv[2:])
+        if sys.argv[1:2] == ["bench"]
+        else " ".join(sys.argv),
+        "backbone": cfg.model.backbone,
+        "image_size": cfg.data.image_size,
+        "batch": args.batch,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "baseline": {"method": base.method, "split": base.split, "recompute": base.plan},
+        "config": {"decoder": cfg.to_dict()["decoder"], "method": cfg.to_dict()["method"]},
+        "rows": [r.as_dict() for r in rows],
+        "modules": list(profiles.values()),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    return 0
