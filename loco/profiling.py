@@ -110,7 +110,7 @@ class _Ledger:
         self.live_by_owner: dict[str, int] = {}
         self.peak = 0
         self.peak_by_owner: dict[str, int] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # a finaliser may fire (via gc) inside add()
 
     def add(self, key: tuple[str, int, int]) -> None:
         with self.lock:
@@ -168,7 +168,11 @@ class SavedTensorTracker:
     Checkpointed segments (``torch.utils.checkpoint``, non-reentrant) save their input
     through this hook; the tensors they recompute during backward bypass user hooks, so
     the backbone enters :meth:`recomputation` around each recomputation and they are
-    counted while the checkpoint holds them.
+    counted while the checkpoint holds them. (LoCo's :class:`~loco.models.backbone.ModuleGraph`
+    recomputes with ordinary autograd, which this hook sees directly.)
+
+    Not counted: tensors that are alive without being saved (a module's output held by the
+    caller, activation gradients); :class:`LiveTensorTracker` sees those.
     """
 
     def __init__(
@@ -192,9 +196,6 @@ class SavedTensorTracker:
     def peak_by_owner(self) -> dict[str, int]:
         """Bytes alive at the peak by who saved them ("S1".., "head"; "all" without owners)."""
         return {k: v for k, v in self._ledger.peak_by_owner.items() if v}
-
-    def reset_peak(self) -> None:
-        self._ledger.peak = self._ledger.live
 
     def _pack(self, t: torch.Tensor) -> Any:
         key = _storage_key(t)
