@@ -29,7 +29,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from functools import cache
@@ -45,6 +44,7 @@ if str(ROOT) not in sys.path:
 from loco import checkpoint as ckpt  # noqa: E402
 from loco.config import Config, load_config  # noqa: E402
 from loco.errors import LocoError  # noqa: E402
+from loco.train import git_revision  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -518,19 +518,6 @@ def collect_bench(args: argparse.Namespace) -> dict[str, Any]:
                 k: row[k] / base[k] for k in ("flops", "saved_peak", "live_peak") if base[k]
             }
     return rows
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def collect(
