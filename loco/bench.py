@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         action="append",
         default=None,
-        help="stages | blocks | N | [cut, points]; comma list or repeated (default: stages)",
+        help="stages | blocks | N | [cut, points]; comma list or repeated (default: the "
+        "config's model.split, else stages)",
     )
     parser.add_argument(
         "--recompute",
@@ -479,11 +480,13 @@ def markdown(result: dict[str, Any]) -> str:
     out = [
         "\n".join(lines),
         "",
-        "What was alive at each method's peak (saved for backward, MiB, by owner):",
+        "What was alive at each method's peak (saved for backward, MiB, by the module that"
+        ' saved it; "other": outside any module):',
         "",
     ]
     for r in rows:
-        parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in sorted(r["saved_peak_by_owner"].items()))
+        owners = sorted(r["saved_peak_by_owner"].items(), key=_owner_order)
+        parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in owners if v >= MiB / 2) or "-"
         out.append(f"- {r['method']} / {r['split']} / {r['recompute']}: {parts}")
     out += ["", "Per module (forward FLOPs; bytes its forward saves for backward):", ""]
     for prof in result["modules"]:
@@ -498,6 +501,11 @@ def markdown(result: dict[str, Any]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def _owner_order(item: tuple[str, int]) -> tuple[int, int, str]:
+    name = item[0]
+    return (0, int(name[1:]), name) if name[1:].isdigit() else (1, 0, name)
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -573,7 +581,7 @@ def run(args: argparse.Namespace) -> int:
     )
     rows: list[Row] = []
     profiles: dict[tuple[str, str], dict[str, Any]] = {}
-    splits = _splits(args.split)
+    splits = _splits(args.split) if args.split or not args.config else [cfg.model.split]
     jobs = [(split, spec, name) for split in splits for spec in specs for name in names]
     if "none" not in specs:  # the baseline of every ratio: e2e without recomputation
         jobs.insert(0, (splits[0], "none", "e2e"))
