@@ -40,7 +40,12 @@ from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.methods.reference import naive_loco
-from loco.models.backbone import VIT_EMBED, build_backbone
+from loco.models.backbone import (
+    VIT_EMBED,
+    build_backbone,
+    format_recompute_plan,
+    parse_recompute_plan,
+)
 from loco.optim import build_optimizer
 from loco.profiling import (
     LiveTensorTracker,
@@ -155,41 +160,12 @@ class Row:
         return d
 
 
-def parse_recompute(text: str, n_modules: int) -> list[bool | int]:
-    """``none`` | ``stage1`` | ``all`` | ``S1=all;S2=1`` -> StagedBackbone.recompute."""
-    if text == "none":
-        return [False] * n_modules
-    if text == "stage1":
-        return [True] + [False] * (n_modules - 1)
-    if text == "all":
-        return [True] * n_modules
-    plan: list[bool | int] = [False] * n_modules
-    for part in text.split(";"):
-        try:
-            name, value = part.split("=")
-            k = int(name.strip().lstrip("Ss")) - 1
-            if not 0 <= k < n_modules:
-                raise IndexError
-            plan[k] = True if value.strip() == "all" else int(value)
-        except (ValueError, IndexError):
-            raise LocoError(
-                f"--recompute '{text}' not understood; use none, stage1, all, auto=RATIO, or e.g. "
-                f"'S1=all;S2=1' (modules S1..S{n_modules}, n = number of leading segments)"
-            ) from None
-    return plan
-
-
-def format_plan(plan: list[bool | int]) -> str:
-    parts = [f"S{k + 1}={'all' if r is True else int(r)}" for k, r in enumerate(plan) if r]
-    return ";".join(parts) or "none"
-
-
 def build(cfg: Config, method_name: str, recompute: str, seed: int) -> Method:
     """The method (``loco_naive``: the reference LoCo) on a fresh backbone, in train mode."""
     cfg.method.name = "loco" if method_name == NAIVE else method_name
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, cfg.data.image_size)
-    backbone.recompute = parse_recompute(recompute, backbone.num_modules)
+    backbone.recompute = parse_recompute_plan(recompute, backbone.num_modules)
     method = build_method(backbone, cfg)
     if method_name == NAIVE:
         method = naive_loco(method)
@@ -232,7 +208,13 @@ def measure_row(
 ) -> Row:
     method = build(cfg, name, plan, args.seed)
     bb = method.backbone
-    row = Row(name, cfg.model.split, recompute, format_plan(bb.recompute), modules=bb.num_modules)
+    row = Row(
+        name,
+        cfg.model.split,
+        recompute,
+        format_recompute_plan(bb.recompute),
+        modules=bb.num_modules,
+    )
 
     def step() -> None:
         method.zero_grad(set_to_none=True)
@@ -533,7 +515,7 @@ def auto_plan(
     if "e2e" not in cache:
         cache["e2e"] = track_step(build(cfg, "e2e", "none", seed), views).peak
     method = build(cfg, name, "none", seed)
-    plan = format_plan(plan_recompute(method, views, int(ratio * cache["e2e"])))
+    plan = format_recompute_plan(plan_recompute(method, views, int(ratio * cache["e2e"])))
     log.info("auto=%s for %s: recompute %s", ratio, name, plan)
     return plan
 

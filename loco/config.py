@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,7 +122,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint
     progress: bool = True
-    # activation recomputation: "none" | "stage1" | "all" (block-sized segments)
+    # activation recomputation: "none" | "stage1" | "all" | a plan such as "S1=3;S2=1" (module
+    # k recomputes its first n segments: stem or residual blocks); `loco bench --recompute
+    # auto=RATIO` finds the cheapest plan under a memory budget and prints it
     recompute: str = "none"
 
 
@@ -158,7 +161,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
-    "train.recompute": ("none", "stage1", "all"),
 }
 
 
@@ -308,6 +310,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+_RECOMPUTE = re.compile(r"none|stage1|all|(S\d+=(all|\d+))(;\s*S\d+=(all|\d+))*", re.IGNORECASE)
+
+
 def validate(cfg: Config) -> None:
     for dotted, options in CHOICES.items():
         section, key = dotted.split(".")
@@ -343,6 +348,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise LocoError("data.dataset=folder needs data.root=PATH (an ImageFolder tree)")
+    if not _RECOMPUTE.fullmatch(cfg.train.recompute.strip()):
+        raise LocoError(
+            f"train.recompute = {cfg.train.recompute!r} not understood; use none, stage1, all, "
+            "or a plan such as 'S1=all;S2=1' (module k recomputes its first n segments)"
+        )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise LocoError("data.mean and data.std need three values (RGB)")
 

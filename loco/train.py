@@ -39,7 +39,7 @@ from loco.distributed import (
 )
 from loco.errors import LocoError
 from loco.methods import Method, build_method
-from loco.models.backbone import build_backbone
+from loco.models.backbone import build_backbone, parse_recompute_plan
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
 
@@ -218,9 +218,7 @@ class Pretrainer:
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
         backbone = build_backbone(cfg.model, cfg.data.image_size)
-        if cfg.train.recompute != "none":
-            for k in range(backbone.num_modules):
-                backbone.recompute[k] = cfg.train.recompute == "all" or k == 0
+        backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
         self.method: Method = build_method(backbone, cfg).to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)

@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from loco.bench import decoder_flops, largest_batch, parse_recompute
+from loco.bench import decoder_flops, largest_batch
 from loco.cli import main
 from loco.config import Config
 from loco.methods import build_method
 from loco.methods.reference import naive_loco
-from loco.models.backbone import build_backbone
+from loco.models.backbone import build_backbone, parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,
@@ -223,8 +223,8 @@ def test_auto_plan_meets_its_budget(views):
 
 
 def test_parse_recompute_and_largest_batch():
-    assert parse_recompute("stage1", 3) == [True, False, False]
-    assert parse_recompute("S1=all;S3=2", 3) == [True, False, 2]
+    assert parse_recompute_plan("stage1", 3) == [True, False, False]
+    assert parse_recompute_plan("S1=all;S3=2", 3) == [True, False, 2]
     assert largest_batch(lambda b: b <= 37, start=8) == 37
     assert largest_batch(lambda b: b <= 5, start=8) == 5
     assert largest_batch(lambda b: False, start=8) == 0

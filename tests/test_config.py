@@ -36,6 +36,7 @@ def test_every_shipped_config_parses():
         ("data.blur_prob=2", "probability"),
         ("nokey", "not key=value"),
         ("data.dataset=folder", "needs data.root"),
+        ("train.recompute=S1=some", "not understood"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override, message):

@@ -11,6 +11,7 @@ addressed by their path in the timm model. Stage boundaries come from timm's
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -264,21 +265,23 @@ class StagedBackbone(nn.Module):
                     mods,
                     x,
                     use_reentrant=False,
-                    context_fn=self._checkpoint_contexts,
+                    context_fn=functools.partial(self._checkpoint_contexts, mods),
                 )
             else:
                 x = _run_sequence(mods, x)
         return x
 
     def _checkpoint_contexts(
-        self,
+        self, mods: list[nn.Module]
     ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        recompute = (
-            self.recompute_context()
-            if self.recompute_context is not None
-            else contextlib.nullcontext()
-        )
-        return contextlib.nullcontext(), recompute
+        return contextlib.nullcontext(), self._recomputation(mods)
+
+    @contextlib.contextmanager
+    def _recomputation(self, mods: list[nn.Module]) -> Iterator[None]:
+        """Entered by the checkpoint when it reruns ``mods`` (so hooks see its own hooks)."""
+        observe = self.recompute_context() if self.recompute_context else contextlib.nullcontext()
+        with observe, batchnorm_stats_kept(mods):
+            yield
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -316,8 +319,8 @@ class ModuleGraph:
 
     The recomputed segments form a chain of graphs joined at detached boundaries (their
     inputs, which are kept); the segments above them form one ordinary graph. A recomputed
-    segment sees the same random numbers again; BatchNorm running statistics are updated
-    once more, as with any activation checkpointing.
+    segment sees the same random numbers again and leaves BatchNorm's running statistics as
+    the first forward left them, so a step with recomputation equals one without.
     """
 
     def __init__(self, backbone: StagedBackbone, k: int, x: torch.Tensor, passes: int = 1) -> None:
@@ -380,7 +383,7 @@ class ModuleGraph:
         for j in reversed(range(n)):
             self.outputs[j] = None
             h_in = self.inputs[j]
-            with self.rng[j].restored():
+            with self.rng[j].restored(), batchnorm_stats_kept(self.modules[j]):
                 out = _run_sequence(self.modules[j], h_in)
             g = _backward(
                 out, g, self._params([self.modules[j]]), h_in if j > 0 or want_x else None
@@ -405,6 +408,29 @@ def _backward(
     return g
 
 
+@contextlib.contextmanager
+def batchnorm_stats_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Run a forward again without updating BatchNorm running statistics a second time
+    (plain activation checkpointing would count the batch twice)."""
+    norms = [
+        m
+        for mod in modules
+        for m in mod.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [{n: getattr(m, n) for n in names} for m in norms]
+    for m, buffers in zip(norms, kept, strict=True):
+        for n, b in buffers.items():  # the rerun updates scratch copies, the originals stay
+            setattr(m, n, b.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, kept, strict=True):
+            for n, b in buffers.items():
+                setattr(m, n, b)
+
+
 class _RngState:
     """The random-number state a segment ran with, to run it again identically."""
 
@@ -421,6 +447,39 @@ class _RngState:
             if self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             yield
+
+
+def parse_recompute_plan(text: str, n_modules: int) -> list[bool | int]:
+    """``none`` | ``stage1`` | ``all`` | ``S1=all;S2=1`` -> :attr:`StagedBackbone.recompute`.
+
+    ``Sk=n`` recomputes the first n segments (the stem, or one residual block each) of
+    module k; memory goes where the early, high-resolution activations are."""
+    text = text.strip()
+    if text == "none":
+        return [False] * n_modules
+    if text == "stage1":
+        return [True] + [False] * (n_modules - 1)
+    if text == "all":
+        return [True] * n_modules
+    plan: list[bool | int] = [False] * n_modules
+    for part in text.split(";"):
+        try:
+            name, value = part.split("=")
+            k = int(name.strip().lstrip("Ss")) - 1
+            if not 0 <= k < n_modules:
+                raise IndexError
+            plan[k] = True if value.strip() == "all" else int(value)
+        except (ValueError, IndexError):
+            raise LocoError(
+                f"recompute plan '{text}' not understood; use none, stage1, all, or e.g. "
+                f"'S1=all;S2=1' (modules S1..S{n_modules}, n = number of leading segments)"
+            ) from None
+    return plan
+
+
+def format_recompute_plan(plan: Sequence[bool | int]) -> str:
+    parts = [f"S{k + 1}={'all' if r is True else int(r)}" for k, r in enumerate(plan) if r]
+    return ";".join(parts) or "none"
 
 
 def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
