@@ -41,7 +41,6 @@ from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.methods.reference import naive_loco
 from loco.models.backbone import (
-    VIT_EMBED,
     build_backbone,
     format_recompute_plan,
     parse_recompute_plan,
@@ -236,7 +235,7 @@ def measure_row(
         row.img_per_s = views[0].shape[0] / row.step_s
         if args.compile:
             compiled = build(cfg, name, plan, args.seed)
-            compile_blocks(compiled)
+            compiled.backbone.compile_units()
             opt = build_optimizer(compiled, cfg.optim, 1)
             row.compiled_img_per_s = (
                 views[0].shape[0] / time_steps(compiled, opt, views, args.steps)[0]
@@ -263,20 +262,6 @@ def time_steps(
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     return statistics.median(wall), statistics.median(cpu)
-
-
-def compile_blocks(method: Method) -> None:
-    """torch.compile every unit of the backbone on its own (graph breaks stay at block edges)."""
-    # LoCo backpropagates a middle module twice (retain_graph); compiled backward graphs may
-    # not donate (reuse) their saved buffers then
-    torch._functorch.config.donated_buffer = False
-    bb = method.backbone
-    for unit in [u for g in bb.groups for u in g]:
-        if unit.path == VIT_EMBED:
-            continue  # a pseudo-unit over several ViT modules: left eager
-        parent_path, _, attr = unit.path.rpartition(".")
-        parent = bb.body.get_submodule(parent_path) if parent_path else bb.body
-        setattr(parent, attr, torch.compile(getattr(parent, attr)))
 
 
 def _sync(device: torch.device) -> None:

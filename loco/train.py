@@ -243,13 +243,7 @@ class Pretrainer:
         self.skipped_images: list[str] = []
         self.skipped_count = 0
         if cfg.train.compile:
-            self._compile()
-
-    def _compile(self) -> None:
-        """torch.compile each local module separately (graph breaks stay at module edges)."""
-        body = self.method.backbone.body
-        for name, child in list(body.named_children()):
-            setattr(body, name, torch.compile(child))
+            self.method.backbone.compile_units()
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -287,3 +287,20 @@ def test_loco_recomputes_a_middle_segment_once(views):
         segment = nn.Sequential(*[bb.unit_module(u) for u in bb.segments(1)[0]])
         once = count_flops(lambda: segment(x))
     assert extra == once > 0
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_compiled_units_train_like_eager_units(views, recompute):
+    """``train.compile`` / ``bench --compile``: LoCo's retained two-pass graphs survive
+    compilation (aot_eager: the autograd capture without a C++ toolchain), and the
+    state_dict keys do not change, so checkpoints load into eager models."""
+    eager, compiled = tiny("loco"), tiny("loco")
+    keys = list(compiled.state_dict())
+    compiled.backbone.compile_units(backend="aot_eager")
+    assert list(compiled.state_dict()) == keys
+    for m in (eager, compiled):
+        m.backbone.recompute = [recompute] * m.backbone.num_modules
+        m.train().training_step(views)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert a.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

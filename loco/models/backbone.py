@@ -247,6 +247,17 @@ class StagedBackbone(nn.Module):
                 out.append([unit])
         return out
 
+    def compile_units(self, **options: object) -> None:
+        """``torch.compile`` every unit in place (``nn.Module.compile``: state_dict keys stay
+        as they are, so checkpoints load either way). Graph breaks fall at unit edges, where
+        local methods detach and recompute anyway."""
+        # LoCo backpropagates a middle module twice (retain_graph): compiled backward graphs
+        # must not donate (reuse) their saved buffers then
+        torch._functorch.config.donated_buffer = False
+        for unit in (u for g in self.groups for u in g):
+            if unit.path != VIT_EMBED:  # a pseudo-unit over several ViT modules: left eager
+                self.unit_module(unit).compile(**options)
+
     def recomputed_segments(self, k: int) -> int:
         r = self.recompute[k]
         if isinstance(r, bool):
