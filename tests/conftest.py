@@ -31,3 +31,24 @@ def tiny_folder_root(cifar_val_root: Path, tmp_path_factory: pytest.TempPathFact
             for name in chosen:
                 os.symlink(src / cls / name, root / split / cls / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def coco128(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``coco128-seg/`` (COCO images with RLE instance masks) from ``shared/data``, with
+    ``annotations/instances_{train,val}2017.json`` and ``images/``; skips where it is absent."""
+    import tarfile
+
+    from loco.data.shipped import find_shared_data
+    from loco.errors import LocoError
+
+    try:
+        archive = find_shared_data() / "coco128-seg" / "coco128-seg.tar"
+    except LocoError as exc:
+        pytest.skip(str(exc))
+    if not archive.is_file():
+        pytest.skip(f"{archive} not found")
+    out = tmp_path_factory.mktemp("coco128")
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    return out / "coco128-seg"

@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -115,28 +114,15 @@ def test_installed_wheel_record_is_valid():
 
 
 @pytest.fixture(scope="module")
-def coco_sample(tmp_path_factory) -> tuple[Path, list[dict]]:
+def coco_sample(coco128: Path) -> tuple[Path, list[dict]]:
     """One val2017 image of coco128-seg and its COCO annotations (RLE masks)."""
-    from loco.data.shipped import find_shared_data
-    from loco.errors import LocoError
-
-    try:
-        archive = find_shared_data() / "coco128-seg" / "coco128-seg.tar"
-    except LocoError as e:
-        pytest.skip(str(e))
-    if not archive.is_file():
-        pytest.skip(f"{archive} not found")
-    out = tmp_path_factory.mktemp("coco128")
-    with tarfile.open(archive) as tar:
-        ann = json.load(tar.extractfile("coco128-seg/annotations/instances_val2017.json"))
-        image = ann["images"][0]
-        jpg = tar.extractfile(f"coco128-seg/images/val2017/{image['file_name']}").read()
-    (out / image["file_name"]).write_bytes(jpg)
+    ann = json.loads((coco128 / "annotations" / "instances_val2017.json").read_text())
+    image = ann["images"][0]
     anns = [a for a in ann["annotations"] if a["image_id"] == image["id"] and not a["iscrowd"]]
     cats = sorted(c["id"] for c in ann["categories"])
     for a in anns:
         a["category_id"] = cats.index(a["category_id"])  # contiguous ids, as DatasetCatalog does
-    return out / image["file_name"], anns
+    return coco128 / "images" / "val2017" / image["file_name"], anns
 
 
 def _cfg():

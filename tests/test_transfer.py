@@ -13,7 +13,6 @@ import json
 import math
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -80,23 +79,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def coco128(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``coco128-seg/`` with ``annotations/instances_{train,val}2017.json`` and ``images/``."""
-    from loco.data.shipped import find_shared_data
-
-    try:
-        archive = find_shared_data() / "coco128-seg" / "coco128-seg.tar"
-    except LocoError as exc:
-        pytest.skip(str(exc))
-    if not archive.is_file():
-        pytest.skip(f"{archive} not found")
-    out = tmp_path_factory.mktemp("coco128")
-    with tarfile.open(archive) as tar:
-        tar.extractall(out, filter="data")
-    return out / "coco128-seg"
 
 
 def _subset(src: Path, dst: Path, ids: tuple[int, ...]) -> Path:

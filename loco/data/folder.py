@@ -197,6 +197,30 @@ class ImageFolderDataset(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
+class FolderSubset(Dataset):
+    """An optional fixed subset (``indices``) of an :class:`ImageFolderDataset`; subclasses
+    decide what an item is."""
+
+    def __init__(self, base: ImageFolderDataset, indices: Sequence[int] | None = None) -> None:
+        self.base = base
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.base.classes
+
+    @property
+    def targets(self) -> list[int]:
+        targets = np.asarray(self.base.targets)
+        return (targets if self.indices is None else targets[self.indices]).tolist()
+
+    def base_index(self, index: int) -> int:
+        return index if self.indices is None else int(self.indices[index])
+
+
 class SkipUnreadable:
     """Collate: drop None items and return ``(x, labels, bad_paths)``.
 

@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from loco.data.folder import ImageFolderDataset, SkippedImages, load_rgb
+from loco.data.folder import FolderSubset, ImageFolderDataset, SkippedImages, load_rgb
 from loco.data.gpu_augment import BatchedSimCLR
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Item(NamedTuple):
     path: str
 
 
-class EncodedImages(Dataset):
+class EncodedImages(FolderSubset):
     """Items of an :class:`ImageFolderDataset` (optionally a subset) as :class:`Item`.
 
     Keys are ``(index, seed)`` from :class:`EpochSampler` (a bare index is its own seed).
@@ -76,26 +76,12 @@ class EncodedImages(Dataset):
         indices: Sequence[int] | None = None,
         decode: bool = True,
     ) -> None:
-        self.base = base
-        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        super().__init__(base, indices)
         self.decode = decode
-
-    def __len__(self) -> int:
-        return len(self.base) if self.indices is None else len(self.indices)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.base.classes
-
-    @property
-    def targets(self) -> list[int]:
-        targets = np.asarray(self.base.targets)
-        return (targets if self.indices is None else targets[self.indices]).tolist()
 
     def __getitem__(self, key: int | tuple[int, int]) -> Item | None:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        if self.indices is not None:
-            index = int(self.indices[index])
+        index = self.base_index(index)
         path = self.base.path(index)
         target = int(self.base._targets[index])
         try:

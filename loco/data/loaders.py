@@ -8,49 +8,38 @@ at step k of an epoch, or run with a different ``num_workers``, sees the same pi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from loco.config import Config
 from loco.data.augment import SimCLRParams, SimCLRTransform, eval_transform
-from loco.data.folder import ImageFolderDataset, SkipUnreadable, list_classes, subset_per_class
+from loco.data.folder import (
+    FolderSubset,
+    ImageFolderDataset,
+    SkipUnreadable,
+    list_classes,
+    subset_per_class,
+)
 from loco.data.gpu_augment import BatchedSimCLR
 from loco.data.jpeg_loader import TensorPipelineLoader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
 
 
-class DatasetView(Dataset):
+class DatasetView(FolderSubset):
     """An optional fixed subset of an :class:`ImageFolderDataset`.
 
     A key is an index, or ``(index, seed)`` to draw the sample's random augmentation from
     ``seed``; the caller's RNG state is restored afterwards (workers=0 runs in the trainer).
     """
 
-    def __init__(self, base: ImageFolderDataset, indices: Sequence[int] | None = None) -> None:
-        self.base = base
-        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.base) if self.indices is None else len(self.indices)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.base.classes
-
-    @property
-    def targets(self) -> list[int]:
-        targets = np.asarray(self.base.targets)
-        return (targets if self.indices is None else targets[self.indices]).tolist()
-
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        if self.indices is not None:
-            index = int(self.indices[index])
+        index = self.base_index(index)
         if seed is None:
             return self.base[index]
         gen = torch.default_generator  # CPU only: never touches CUDA's generators

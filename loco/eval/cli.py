@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,22 +251,22 @@ def evaluate_run(
 
 
 # -- command line --------------------------------------------------------------------------
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a comma-separated list of numbers"
-        ) from None
+def _number_list(kind: type) -> Callable[[str], list]:
+    """An argparse type for comma-separated numbers of ``kind`` (``1,2`` or ``0.1,1``)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v]
+        except ValueError:
+            noun = "integers" if kind is int else "numbers"
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a comma-separated list of {noun}"
+            ) from None
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a comma-separated list of integers"
-        ) from None
+_floats, _ints = _number_list(float), _number_list(int)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
