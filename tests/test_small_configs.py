@@ -111,7 +111,7 @@ def test_compare_smoke_resume_and_skip(cifar_val_root, tmp_path, one_thread):
     argv = [
         "--steps", "2", "--methods", "e2e,loco", "--seeds", "0",
         "--eval-train-per-class", "3", "--eval-val-per-class", "2", "--linear-epochs", "2",
-        "--bench-batch", "4", "--out", str(out), "--docs", str(docs),
+        "--bench-batch", "4", "--bench-steps", "1", "--out", str(out), "--docs", str(docs),
         *tiny_data(cifar_val_root),
     ]  # fmt: skip
     # an interrupted pretraining: the loop stops (and saves) after its first step
@@ -142,6 +142,7 @@ def test_compare_smoke_resume_and_skip(cifar_val_root, tmp_path, one_thread):
     bench = summary["bench"]
     assert bench["e2e"]["ratios"]["flops"] == 1.0
     assert bench["loco"]["ratios"]["flops"] > 1.0  # three more decoders than e2e
+    assert bench["e2e"]["ratios"]["step_s"] == 1.0 and bench["loco"]["ratios"]["step_s"] > 0
     text = (docs / "results.md").read_text()
     assert "NOT YET RUN" not in text and "| `loco` |" in text and "loco pretrain --config" in text
     assert (docs / "results_top1.png").stat().st_size > 0

@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=32,
         help="batch of `loco bench` (ratios barely depend on it)",
     )
+    p.add_argument(
+        "--bench-steps",
+        type=int,
+        default=20,
+        help="timed steps per method in the benchmark (median; e2e timed in the same process)",
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the FLOPs / memory benchmark")
     p.add_argument("--no-reference", action="store_true", help="skip the independent SimCLR")
     p.add_argument("--no-floor", action="store_true", help="skip the random-init evaluation")
@@ -235,7 +241,7 @@ def bench_argv(args: argparse.Namespace, name: str) -> list[str]:
         "--methods",
         cfg.method.name,
         "--steps",
-        "0",
+        str(args.bench_steps),
         "--out",
         str(args.out / "bench" / f"{name}.json"),
         *args.overrides,
@@ -473,7 +479,7 @@ def collect_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
         if name == REFERENCE and (rd / "done.json").is_file():
             ref = json.loads((rd / "done.json").read_text())
             rec["train_s"], rec["steps"] = ref["train_s"], ref["steps"]
-        elif name != FLOOR:
+        elif name != FLOOR and done.is_file():  # timings of finished runs only
             rec["train_s"] = train_seconds(rd)
             rec["steps"] = (
                 checkpoint_step(rd / "checkpoint.pt") if (rd / "checkpoint.pt").is_file() else None
@@ -491,9 +497,12 @@ def collect_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
             entry.setdefault(readout, {})[s] = {"mean": m, "std": sd, "n": len(vals)}
             entry["n"] = max(entry["n"], len(vals))
     for key in ("train_s", "s_per_step", "eval_s", "own_knn_top1"):
-        m, sd = _mean_std([r[key] for r in seeds.values() if r.get(key) is not None])
+        vals = [r[key] for r in seeds.values() if r.get(key) is not None]
+        m, sd = _mean_std(vals)
         if m is not None:
-            entry[key] = {"mean": m, "std": sd}
+            # min: timings only grow with other load on the machine, so the fastest seed is
+            # the closest to the method's own cost
+            entry[key] = {"mean": m, "std": sd, "min": min(vals)}
     return entry
 
 
@@ -507,16 +516,31 @@ def collect_bench(args: argparse.Namespace) -> dict[str, Any]:
         method = pretrain_config(args, name, 0).method.name
         row = next((r for r in data["rows"] if r["method"] == method), None)
         if row:
-            rows[name] = {
-                k: row[k] for k in ("flops", "flops_decoder", "saved_peak", "live_peak", "params")
-            }
+            keys = (
+                "flops",
+                "flops_decoder",
+                "saved_peak",
+                "live_peak",
+                "params",
+                "step_s",
+                "cpu_s",
+            )
+            rows[name] = {k: row.get(k) for k in keys}
             rows[name]["batch"] = data["batch"]
+            # wall and CPU time of a step relative to the e2e timed in the same process
+            base_row = next((r for r in data["rows"] if r["method"] == "e2e"), None)
+            for k in ("step_s", "cpu_s"):
+                if row.get(k) and base_row and base_row.get(k):
+                    rows[name][f"{k}_x_e2e"] = row[k] / base_row[k]
     base = rows.get("e2e")
     for row in rows.values():
         if base:
             row["ratios"] = {
                 k: row[k] / base[k] for k in ("flops", "saved_peak", "live_peak") if base[k]
             }
+            row["ratios"].update(
+                {k: row.pop(f"{k}_x_e2e") for k in ("step_s", "cpu_s") if f"{k}_x_e2e" in row}
+            )
     return rows
 
 
@@ -802,13 +826,19 @@ def render(summary: dict[str, Any], plot_name: str = "results_top1.png") -> str:
         "",
         f"FLOPs of one training step (forward + backward, decoders included) and the peak bytes of tensors "
         f"saved for backward, from `loco bench` at batch {p['bench_batch']} (both scale with the batch; the "
-        "ratios barely do), as ratios to `e2e`; wall time of pretraining measured in the runs "
-        f"(batch {p['batch']}, {env['threads']} threads; machine load at report time: "
+        "ratios barely do), as ratios to `e2e`; step time: the median of the bench's timed steps, "
+        "as a ratio to e2e timed in the same process moments before (CPU time: the process's "
+        "CPU seconds, less sensitive to other load); wall time of pretraining measured in the runs "
+        f"(batch {p['batch']}, {env['threads']} threads), from the fastest seed of each method: "
+        "other load on the machine only slows a run down, and the seeds did not all run on an "
+        "idle machine (load at report time: "
         f"{', '.join(f'{x:.1f}' for x in env['load_avg']) if env['load_avg'] else 'n/a'}).",
         "",
-        "| method | GFLOPs / step | FLOPs ×e2e | peak saved MiB | saved ×e2e | pretrain wall (min) | s / step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | GFLOPs / step | FLOPs ×e2e | peak saved MiB | saved ×e2e | step time ×e2e "
+        "(bench) | CPU time ×e2e (bench) | pretrain wall (min) | s / step | wall ×e2e |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    e2e_step = methods.get("e2e", {}).get("s_per_step", {}).get("min")
     for n in order:
         if n == FLOOR:
             continue
@@ -819,8 +849,11 @@ def render(summary: dict[str, Any], plot_name: str = "results_top1.png") -> str:
             f"{r['flops']:.2f}" if "flops" in r else "-",
             f"{b['saved_peak'] / 2**20:.1f}" if b else "-",
             f"{r['saved_peak']:.2f}" if "saved_peak" in r else "-",
-            f"{m['train_s']['mean'] / 60:.1f}" if "train_s" in m else "-",
-            f"{m['s_per_step']['mean']:.2f}" if "s_per_step" in m else "-",
+            f"{r['step_s']:.2f}" if "step_s" in r else "-",
+            f"{r['cpu_s']:.2f}" if "cpu_s" in r else "-",
+            f"{m['train_s']['min'] / 60:.1f}" if "train_s" in m else "-",
+            f"{m['s_per_step']['min']:.2f}" if "s_per_step" in m else "-",
+            f"{m['s_per_step']['min'] / e2e_step:.2f}" if "s_per_step" in m and e2e_step else "-",
         ]
         lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
     lines += ["", "The reference is not benchmarked (its step is e2e's).", ""]
