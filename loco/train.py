@@ -93,15 +93,24 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
 
 
 def git_revision() -> str:
-    try:
+    """HEAD's short hash, ``-dirty`` when code or configs differ from it (docs do not count:
+    writing a results page must not mark the runs behind it dirty)."""
+
+    def git(*args: str) -> str:
         here = Path(__file__).resolve().parent
         out = subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=5,
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        if not rev:
+            return "unknown"
+        changed = git(
+            "status", "--porcelain", "--untracked-files=no", "--", ":/loco", ":/tools", ":/configs"
+        )
+        return f"{rev}-dirty" if changed else rev
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
 
