@@ -716,6 +716,35 @@ def findings(summary: dict[str, Any]) -> list[str]:
     return out
 
 
+def _measured_budget(summary: dict[str, Any]) -> str | None:
+    """The table's cost from its own runs (fastest seed of each job), once every job has one."""
+    p, methods = summary["protocol"], summary["methods"]
+    trained = [n for n in methods if n != FLOOR]
+    if not trained or any("train_s" not in methods[n] for n in trained):
+        return None
+    if any("eval_s" not in m for m in methods.values()):
+        return None
+    seeds = len(p["seeds"])
+    train_min = sum(methods[n]["train_s"]["min"] for n in trained) / 60
+    eval_min = sum(m["eval_s"]["min"] for m in methods.values()) / 60
+    bench_min = len(summary["bench"]) * BENCH_S_GUESS / 60
+    slow = sum(
+        max(r["train_s"] for r in methods[n]["seeds"].values() if r.get("train_s")) for n in trained
+    )
+    total = seeds * (train_min + eval_min) + bench_min
+    return (
+        f"Measured in these runs: one seed of every pretraining takes {train_min:.1f} min and its "
+        f"{len(methods)} evaluations {eval_min:.1f} min (the fastest seed of each job, i.e. the one "
+        f"least slowed by other load; {summary['environment']['threads']} threads), so the whole table "
+        f"({seeds} seeds, plus ~{bench_min:.0f} min of benchmarks) takes about {total:.0f} min on 2 "
+        f"idle cores. The slowest seeds' pretraining took {slow / 60:.1f} min ({slow / 60 / train_min:.1f}x): "
+        "seed 0 ran while other jobs shared the machine (load 6-10); on a shared machine run it "
+        "with `OMP_NUM_THREADS=1`, as OpenMP's "
+        "threads otherwise wait for their descheduled siblings. `--plan` prints the estimate before "
+        "running, from the timings of whatever has run."
+    )
+
+
 def budget_text(summary: dict[str, Any]) -> str:
     """How the default budget was sized, and what this protocol should cost on 2 idle cores."""
     p, names = summary["protocol"], list(summary["methods"])
@@ -725,6 +754,9 @@ def budget_text(summary: dict[str, Any]) -> str:
     lo, mid, hi = (
         units * r / 60 + fixed for r in (IDLE_E2E_RANGE[0], IDLE_E2E_S_PER_STEP, IDLE_E2E_RANGE[1])
     )
+    measured = _measured_budget(summary)
+    if measured:
+        return measured
     return (
         "Sized on the 2-core CPU machine while four other engineers shared it (load average 6-10 on 2 "
         "cores). 3 training steps of `e2e` at batch 128 (two views, quarter-width ResNet-18, 32 px) took "
