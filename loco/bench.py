@@ -110,6 +110,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-batch", action="store_true", help="CUDA: binary-search the largest batch that fits"
     )
     parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=80.0,
+        help="GiB for the device-independent max-batch estimate (default 80: an H100; 0 = off)."
+        " Measures the step's tensors at the batch and at half of it; bytes per image = the "
+        "difference, fixed bytes = weights, optimizer state and what does not grow with batch",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -147,6 +155,8 @@ class Row:
     compiled_img_per_s: float | None = None
     cuda_peak: int | None = None
     cuda_max_batch: int | None = None
+    bytes_per_image: float | None = None  # all tensors of a step, per image (two views)
+    est_max_batch: int | None = None  # fp32, from --memory-budget and the two batch sizes
     ratios: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -230,6 +240,16 @@ def measure_row(
     optimizer = build_optimizer(method, cfg.optim, 1)
     optimizer.step()
     row.params, row.grads, row.optimizer = state_bytes(method, optimizer).values()
+    batch = views[0].shape[0]
+    if args.memory_budget > 0 and batch >= 2:
+        with LiveTensorTracker() as half:
+            track_step(method, [v[: batch // 2] for v in views])
+        row.bytes_per_image, row.est_max_batch = estimate_max_batch(
+            int(args.memory_budget * 2**30),
+            row.params + row.optimizer,
+            (batch // 2, half.peak),
+            (batch, row.live_peak),
+        )
     if args.steps > 0:
         row.step_s, row.cpu_s = time_steps(method, optimizer, views, args.steps)
         row.img_per_s = views[0].shape[0] / row.step_s
@@ -241,6 +261,22 @@ def measure_row(
                 views[0].shape[0] / time_steps(compiled, opt, views, args.steps)[0]
             )
     return row
+
+
+def estimate_max_batch(
+    budget: int, state: int, small: tuple[int, int], large: tuple[int, int]
+) -> tuple[float, int]:
+    """(bytes per image, largest batch under ``budget``) from a step's peak bytes of all
+    tensors at two batch sizes, ``(batch, peak)``: the peak grows linearly with the batch
+    (activations) on top of a constant (gradient buffers, head temporaries), and weights
+    plus optimizer state (``state``) sit there throughout. fp32; bf16 roughly halves the
+    activations, so treat it as the conservative figure."""
+    (b1, p1), (b2, p2) = small, large
+    per_image = (p2 - p1) / (b2 - b1)
+    if per_image <= 0:
+        return 0.0, 0
+    fixed = state + max(p2 - per_image * b2, 0)
+    return per_image, max(int((budget - fixed) // per_image), 0)
 
 
 def time_steps(
@@ -386,6 +422,8 @@ def add_ratios(rows: list[Row], base: Row) -> None:
             r["compiled_img_per_s"] = row.compiled_img_per_s / base.compiled_img_per_s
         if row.cuda_peak and base.cuda_peak:
             r["cuda_peak"] = row.cuda_peak / base.cuda_peak
+        if row.est_max_batch and base.est_max_batch:
+            r["est_max_batch"] = row.est_max_batch / base.est_max_batch
         row.ratios = r
 
 
@@ -394,6 +432,7 @@ def markdown(result: dict[str, Any]) -> str:
     has_time = any(r["img_per_s"] for r in rows)
     has_compile = any(r["compiled_img_per_s"] for r in rows)
     has_cuda = any(r["cuda_peak"] for r in rows)
+    has_est = any(r.get("est_max_batch") for r in rows)
     head = [
         "method",
         "split",
@@ -411,6 +450,8 @@ def markdown(result: dict[str, Any]) -> str:
         head += ["img/s", "img/s ×e2e", "img/CPU-s ×e2e"]
     if has_compile:
         head += ["compiled img/s"]
+    if has_est:
+        head += [f"max batch @{result.get('memory_budget_gib', 0):g} GiB (est.)", "×e2e"]
     if has_cuda:
         head += ["CUDA peak MiB", "CUDA ×e2e", "max batch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -437,6 +478,8 @@ def markdown(result: dict[str, Any]) -> str:
             ]
         if has_compile:
             cells += [f"{r['compiled_img_per_s']:.2f}" if r["compiled_img_per_s"] else "-"]
+        if has_est:
+            cells += [str(r.get("est_max_batch") or "-"), f"{q.get('est_max_batch', 0):.2f}"]
         if has_cuda:
             cells += [
                 f"{(r['cuda_peak'] or 0) / MiB:.0f}",
@@ -588,6 +631,7 @@ def run(args: argparse.Namespace) -> int:
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "batch": args.batch,
+        "memory_budget_gib": args.memory_budget,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from loco.bench import decoder_flops, largest_batch
+from loco.bench import decoder_flops, estimate_max_batch, largest_batch
 from loco.cli import main
 from loco.config import Config
 from loco.methods import build_method
@@ -304,3 +304,28 @@ def test_compiled_units_train_like_eager_units(views, recompute):
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert a.grad is not None, name
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_estimate_max_batch_arithmetic():
+    # 100 B per image on top of 50 B, 1000 B of weights: (10_000 - 1050) // 100
+    per_image, batch = estimate_max_batch(10_000, 1000, (2, 250), (4, 450))
+    assert per_image == 100 and batch == 89
+    assert estimate_max_batch(10, 1000, (2, 250), (4, 450))[1] == 0  # weights alone too big
+
+
+def test_step_memory_is_linear_in_the_batch_so_the_estimate_holds():
+    """The max-batch estimate extrapolates from two batch sizes; check the line it draws
+    against a third, measured batch."""
+    g = torch.Generator().manual_seed(1)
+    views = {b: [torch.randn(b, 3, 32, 32, generator=g) for _ in range(2)] for b in (2, 4, 8)}
+    for name in ("e2e", "loco"):
+        method = tiny(name)
+        peaks = {}
+        for b, v in views.items():
+            with LiveTensorTracker() as live:
+                track_step(method, v)
+            peaks[b] = live.peak
+        per_image, _ = estimate_max_batch(1 << 30, 0, (2, peaks[2]), (4, peaks[4]))
+        predicted = peaks[4] + 4 * per_image
+        assert per_image > 0
+        assert abs(predicted - peaks[8]) <= 0.05 * peaks[8], (name, predicted, peaks[8])
