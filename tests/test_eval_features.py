@@ -23,13 +23,7 @@ from loco.models.heads import pool
 
 TINY = "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 
 
 def overrides(root: Path, out: Path) -> list[str]:

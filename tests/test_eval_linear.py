@@ -20,14 +20,7 @@ from loco.eval.linear import (
 )
 from loco.models.backbone import build_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 
 
 def gaussians(n_train, n_val, C, D, spread, seed=0):

@@ -29,17 +29,10 @@ from loco.data.shipped import find_shared_data
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # torchvision 0.29 marks its image decoders deprecated (in favour of TorchCodec) on every call
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's waiting threads make these small
-    tensor ops 10-20x slower (measured); no result here depends on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 # ---------------------------------------------------------------- fixtures

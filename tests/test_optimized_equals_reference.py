@@ -31,6 +31,8 @@ METHODS = [
     ("loco", {"first_stage_loss": False}),
 ]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
+
 
 def make(name: str, method_opts: dict, split: str):
     cfg = Config()
@@ -49,15 +51,6 @@ def make(name: str, method_opts: dict, split: str):
 
 def all_grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is faster, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from loco import checkpoint as ckpt
 from loco.config import load_config
@@ -42,15 +41,6 @@ def load_compare():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny steps on a shared 2-core machine: two OpenMP threads mostly wait for each other."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_every_method_of_the_table_has_a_config():

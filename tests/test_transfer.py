@@ -31,6 +31,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     # Detectron2's COCOEvaluator on an untrained model, and its mask loading under torch 2.x
     pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning"),
@@ -71,16 +72,6 @@ HALF_RESNET18 = {"channels": [32, 64, 128, 256], "stem_width": 32}
 
 
 # -- fixtures -----------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's waiting threads made Mask R-CNN
-    inference here 27x slower (0.14 s vs 3.7 s per image, measured); no result depends on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _subset(src: Path, dst: Path, ids: tuple[int, ...]) -> Path:
     data = json.loads(src.read_text())
     data["images"] = [im for im in data["images"] if im["id"] in ids]
