@@ -527,20 +527,18 @@ def collect_bench(args: argparse.Namespace) -> dict[str, Any]:
             )
             rows[name] = {k: row.get(k) for k in keys}
             rows[name]["batch"] = data["batch"]
-            # wall and CPU time of a step relative to the e2e timed in the same process
-            base_row = next((r for r in data["rows"] if r["method"] == "e2e"), None)
-            for k in ("step_s", "cpu_s"):
-                if row.get(k) and base_row and base_row.get(k):
-                    rows[name][f"{k}_x_e2e"] = row[k] / base_row[k]
+            # the bench's own throughput ratios: against the e2e timed in the same process
+            timed = {"step_s": "img_per_s", "cpu_s": "img_per_cpu_s"}
+            rows[name]["time_ratios"] = {
+                k: 1 / row["ratios"][q] for k, q in timed.items() if row["ratios"].get(q)
+            }
     base = rows.get("e2e")
     for row in rows.values():
         if base:
             row["ratios"] = {
                 k: row[k] / base[k] for k in ("flops", "saved_peak", "live_peak") if base[k]
             }
-            row["ratios"].update(
-                {k: row.pop(f"{k}_x_e2e") for k in ("step_s", "cpu_s") if f"{k}_x_e2e" in row}
-            )
+            row["ratios"].update(row.pop("time_ratios"))
     return rows
 
 
