@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from loco.errors import LocoError
+from loco.models.recompute import parse_recompute_plan
 
 
 @dataclass
@@ -310,9 +310,6 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-_RECOMPUTE = re.compile(r"none|stage1|all|(S\d+=(all|\d+))(;\s*S\d+=(all|\d+))*", re.IGNORECASE)
-
-
 def validate(cfg: Config) -> None:
     for dotted, options in CHOICES.items():
         section, key = dotted.split(".")
@@ -348,11 +345,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise LocoError("data.dataset=folder needs data.root=PATH (an ImageFolder tree)")
-    if not _RECOMPUTE.fullmatch(cfg.train.recompute.strip()):
-        raise LocoError(
-            f"train.recompute = {cfg.train.recompute!r} not understood; use none, stage1, all, "
-            "or a plan such as 'S1=all;S2=1' (module k recomputes its first n segments)"
-        )
+    try:  # the module count is the backbone's: build time checks the range
+        parse_recompute_plan(cfg.train.recompute, None)
+    except LocoError as exc:
+        raise LocoError(f"train.recompute: {exc}") from None
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise LocoError("data.mean and data.std need three values (RGB)")
 

@@ -39,7 +39,8 @@ from loco.distributed import (
 )
 from loco.errors import LocoError
 from loco.methods import Method, build_method
-from loco.models.backbone import build_backbone, parse_recompute_plan
+from loco.models.backbone import build_backbone
+from loco.models.recompute import parse_recompute_plan
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
 

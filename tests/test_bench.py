@@ -18,7 +18,8 @@ from loco.cli import main
 from loco.config import Config
 from loco.methods import build_method
 from loco.methods.reference import naive_loco
-from loco.models.backbone import build_backbone, parse_recompute_plan
+from loco.models.backbone import build_backbone
+from loco.models.recompute import parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,
@@ -32,13 +33,7 @@ B, IN, OUT = 3, 5, 7
 F32 = 4
 TINY = {"channels": [8, 16, 32, 64], "stem_width": 8}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 
 
 def linear_relu() -> nn.Sequential:

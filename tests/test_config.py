@@ -37,6 +37,7 @@ def test_every_shipped_config_parses():
         ("nokey", "not key=value"),
         ("data.dataset=folder", "needs data.root"),
         ("train.recompute=S1=some", "not understood"),
+        ("train.recompute=S1=-1", "not understood"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(override, message):

@@ -460,39 +460,6 @@ class _RngState:
             yield
 
 
-def parse_recompute_plan(text: str, n_modules: int) -> list[bool | int]:
-    """``none`` | ``stage1`` | ``all`` | ``S1=all;S2=1`` -> :attr:`StagedBackbone.recompute`.
-
-    ``Sk=n`` recomputes the first n segments (the stem, or one residual block each) of
-    module k; memory goes where the early, high-resolution activations are."""
-    text = text.strip()
-    if text == "none":
-        return [False] * n_modules
-    if text == "stage1":
-        return [True] + [False] * (n_modules - 1)
-    if text == "all":
-        return [True] * n_modules
-    plan: list[bool | int] = [False] * n_modules
-    for part in text.split(";"):
-        try:
-            name, value = part.split("=")
-            k = int(name.strip().lstrip("Ss")) - 1
-            if not 0 <= k < n_modules:
-                raise IndexError
-            plan[k] = True if value.strip() == "all" else int(value)
-        except (ValueError, IndexError):
-            raise LocoError(
-                f"recompute plan '{text}' not understood; use none, stage1, all, or e.g. "
-                f"'S1=all;S2=1' (modules S1..S{n_modules}, n = number of leading segments)"
-            ) from None
-    return plan
-
-
-def format_recompute_plan(plan: Sequence[bool | int]) -> str:
-    parts = [f"S{k + 1}={'all' if r is True else int(r)}" for k, r in enumerate(plan) if r]
-    return ";".join(parts) or "none"
-
-
 def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
     """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``."""
     kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False, **cfg.kwargs}
