@@ -126,6 +126,11 @@ class TrainConfig:
     # k recomputes its first n segments: stem or residual blocks); `loco bench --recompute
     # auto=RATIO` finds the cheapest plan under a memory budget and prints it
     recompute: str = "none"
+    # stage parallelism (loco.parallel): K stage groups x world/K data-parallel replicas, rank
+    # (stage k, replica r) holds local module k and its decoders; sync = today's step exactly,
+    # pipelined = batch t+1 enters module k-1 while module k works on batch t
+    stage_parallel: int = 1
+    stage_schedule: str = "sync"
 
 
 @dataclass
@@ -161,6 +166,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.stage_schedule": ("sync", "pipelined"),
 }
 
 
@@ -349,6 +355,13 @@ def validate(cfg: Config) -> None:
         parse_recompute_plan(cfg.train.recompute, None)
     except LocoError as exc:
         raise LocoError(f"train.recompute: {exc}") from None
+    if cfg.train.stage_parallel < 1:
+        raise LocoError(f"train.stage_parallel must be >= 1, got {cfg.train.stage_parallel}")
+    if cfg.train.stage_parallel > 1 and cfg.method.name == "e2e":
+        raise LocoError(
+            "train.stage_parallel>1 needs a local method (greedy, loco, infopro); e2e backpropagates "
+            "through every module and keeps plain data parallelism: set train.stage_parallel=1"
+        )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise LocoError("data.mean and data.std need three values (RGB)")
 

@@ -147,17 +147,20 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     return info
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Mean of the gradients over ranks (local methods run several backwards per step, so
-    DDP's one-backward reducer does not fit; one coalesced all-reduce per step does)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def average_gradients(
+    params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None
+) -> None:
+    """Mean of the gradients over the ranks of ``group`` (default: all; local methods run
+    several backwards per step, so DDP's one-backward reducer does not fit; one coalesced
+    all-reduce per step does)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -8,9 +8,27 @@ in public SimCLR code; here positives are found by global index).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# the ranks whose embeddings are negatives (None: all); stage parallelism narrows it to the
+# replicas of one stage (loco.parallel), the losses themselves stay group-agnostic
+_negatives_group: dist.ProcessGroup | None = None
+
+
+@contextlib.contextmanager
+def negatives_group(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Gather negatives (and send their gradients back) within ``group`` only."""
+    global _negatives_group
+    old, _negatives_group = _negatives_group, group
+    try:
+        yield
+    finally:
+        _negatives_group = old
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -18,32 +36,35 @@ class _GatherWithGrad(torch.autograd.Function):
     backward sums the gradients of every rank and returns this rank's rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: list[int], start: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, counts: list[int], start: int, group) -> torch.Tensor:  # type: ignore[override]
         padded = x.new_zeros((max(counts), *x.shape[1:]))
         padded[: x.shape[0]] = x
         out = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(out, padded.contiguous())
-        ctx.start, ctx.n = start, x.shape[0]
+        dist.all_gather(out, padded.contiguous(), group=group)
+        ctx.start, ctx.n, ctx.group = start, x.shape[0], group
         return torch.cat([o[:c] for o, c in zip(out, counts)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.n], None, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.start : ctx.start + ctx.n], None, None, None
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Rows of all ranks (rank-major) and the offset of this rank's rows in them."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x, 0
+    group = _negatives_group
+    if dist.get_world_size(group) == 1:
         return x, 0
     sizes = [
-        torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())
+        torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))
     ]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
     counts = [int(s) for s in sizes]
-    start = sum(counts[: dist.get_rank()])
-    return _GatherWithGrad.apply(x, counts, start), start
+    start = sum(counts[: dist.get_rank(group)])
+    return _GatherWithGrad.apply(x, counts, start, group), start
 
 
 def _upcast(z: torch.Tensor) -> torch.Tensor:
