@@ -127,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="config overrides, e.g. decoder.mlp_layers=4 method.first_stage_loss=false",
     )
+    from loco.parallel import bench as stage_bench
+
+    stage_bench.add_arguments(parser)
 
 
 # -- what one row measures ----------------------------------------------------------------
@@ -557,6 +560,10 @@ def _auto_ratio(spec: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "stage_parallel", 0):
+        from loco.parallel import bench as stage_bench
+
+        return stage_bench.run(args)
     cfg = load_config(args.config, args.overrides)
     cfg.model.backbone = args.backbone or (cfg.model.backbone if args.config else "resnet50")
     cfg.data.image_size = args.image_size or (cfg.data.image_size if args.config else 224)

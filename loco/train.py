@@ -449,4 +449,8 @@ class Pretrainer:
 
 def pretrain(cfg: Config) -> Path:
     """Run (or resume) a pretraining run; returns its run directory."""
+    if cfg.train.stage_parallel > 1:  # one local module per rank: loco.parallel
+        from loco.parallel.trainer import pretrain_stage_parallel
+
+        return pretrain_stage_parallel(cfg)
     return Pretrainer(cfg).fit()

@@ -74,13 +74,6 @@ def _worker(rank, world, stages, cfg, schedule, steps, drains, sabotage, init, o
     from loco.parallel.stage import StageEngine, owned_parameter_names
 
     torch.set_num_threads(1)
-    import faulthandler
-    import os
-
-    if os.environ.get("SP_DEBUG"):
-        faulthandler.dump_traceback_later(
-            int(os.environ["SP_DEBUG"]), exit=True, file=open(f"/tmp/sp_dbg_{rank}.txt", "w")
-        )
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     layout = check_request(stages, world, cfg.method.name, stages)
     groups = make_groups(layout, rank)
@@ -115,6 +108,7 @@ def _worker(rank, world, stages, cfg, schedule, steps, drains, sabotage, init, o
 
 def run(method, world, stages, schedule="sync", steps=2, drains=(), sabotage=None, tmp=None):
     cfg = make_cfg(method, stages)
+    tmp.mkdir(parents=True, exist_ok=True)
     with mp.Manager() as manager:
         out = manager.dict()
         args = (world, stages, cfg, schedule, steps, set(drains), sabotage, str(tmp / "init"), out)
@@ -128,7 +122,7 @@ def max_difference(results: dict, want_by_replica: dict[int, dict]) -> float:
         want = want_by_replica[replica]
         assert mine, f"stage {stage} owns no parameters"
         for n, p in mine.items():
-            worst = max(worst, float((p - want[n]).abs().max()))
+            worst = max(worst, float((p - want[n]).detach().abs().max()))
     return worst
 
 
@@ -233,3 +227,147 @@ def test_pipelined_loco_follows_the_stated_schedule(tmp_path):
     assert max_difference(first, {0: simulate_pipelined(cfg, 5, {3})}) < 1e-10
     assert max_difference(first, {0: reference(cfg, 5)}) > 1e-6  # feedback really is stale
     assert all(applied == 5 for *_, applied in first.values())
+
+
+# -- the trainer: torchrun-style environment, real images, checkpoints ------------------------
+def tiny_cfg(root, out, *extra) -> Config:
+    from loco.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.dataset=folder",
+            "data.train_split=val",
+            "data.per_class=4",
+            "data.image_size=16",
+            "data.num_workers=0",
+            "optim.batch_size=8",
+            "optim.warmup_epochs=0",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "train.log_every=1",
+            "train.deterministic=true",
+            "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+            "decoder.hidden_dim=64",
+            "decoder.out_dim=32",
+            *extra,
+        ],
+    )
+
+
+def _pretrain_worker(rank, port, overrides, stop_on, out) -> None:
+    import os
+
+    from loco import train
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    cfg = tiny_cfg(*overrides)
+    if rank == stop_on:
+        train.request_stop("test")  # as USR2 through loco.launch.job: stop after one step
+    try:
+        train.pretrain(cfg)
+        out[rank] = "done"
+    except SystemExit as exc:
+        out[rank] = f"exit {exc.code}"
+    finally:
+        dist.destroy_process_group()
+
+
+def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1) -> dict:
+    from loco.distributed import free_port
+
+    overrides = [
+        root,
+        run_dir,
+        "optim.max_steps=4",
+        "train.ckpt_every=2",
+        "method.name=loco",
+        "model.split=2",
+        "train.stage_parallel=2",
+        *extra,
+    ]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_pretrain_worker, args=(free_port(), overrides, stop_on, out), nprocs=2)
+        return dict(out)
+
+
+@pytest.mark.distributed
+def test_trainer_checkpoint_stop_and_exact_resume(cifar_val_root, tmp_path):
+    from loco import checkpoint as ckpt
+    from loco.train import pretrain
+
+    assert pretrain_2_ranks(cifar_val_root, tmp_path / "full") == {0: "done", 1: "done"}
+    # a stop request on rank 1 only: both ranks stop and save at the same step
+    stopped = pretrain_2_ranks(cifar_val_root, tmp_path / "part", stop_on=1)
+    assert stopped == {0: "exit 130", 1: "exit 130"}
+    assert ckpt.load(tmp_path / "part" / "checkpoint.pt")["step"] == 1
+    assert pretrain_2_ranks(cifar_val_root, tmp_path / "part") == {0: "done", 1: "done"}
+    full = ckpt.load(tmp_path / "full" / "checkpoint.pt")
+    part = ckpt.load(tmp_path / "part" / "checkpoint.pt")
+    assert full["step"] == part["step"] == 4
+    for name, value in full["method"].items():
+        assert torch.equal(value, part["method"][name]), f"{name} differs after resume"
+    # one checkpoint in today's format: every entry of the single-process model, full size
+    cfg = tiny_cfg(cifar_val_root, tmp_path / "one", "method.name=loco", "model.split=2")
+    model = build_method(build_backbone(cfg.model, cfg.data.image_size), cfg)
+    assert set(full["method"]) == set(model.state_dict())
+    for name, value in model.state_dict().items():
+        assert full["method"][name].shape == value.shape, name
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(full["optimizer"]["state"]) == trainable  # every stage's momentum
+    # ... which the single-process trainer resumes (without stage parallelism)
+    cfg = tiny_cfg(
+        cifar_val_root,
+        tmp_path / "full",
+        "method.name=loco",
+        "model.split=2",
+        "optim.max_steps=5",
+        "train.ckpt_every=2",
+    )
+    pretrain(cfg)
+    assert ckpt.load(tmp_path / "full" / "checkpoint.pt")["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "stages, world, method, modules, message",
+    [
+        (3, 4, "greedy", 3, "does not divide the world size 4"),
+        (2, 4, "loco", 4, "model.split gives 4 local modules"),
+        (2, 2, "e2e", 2, "needs a local method"),
+    ],
+)
+def test_bad_requests_fail_in_one_line(stages, world, method, modules, message):
+    from loco.errors import LocoError
+    from loco.parallel.layout import check_request
+
+    with pytest.raises(LocoError, match=message) as err:
+        check_request(stages, world, method, modules)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_fails_before_any_process_starts():
+    from loco.config import load_config
+    from loco.errors import LocoError
+    from loco.parallel.layout import check_modules, stage_mapping
+    from loco.parallel.trainer import check_config
+
+    with pytest.raises(LocoError, match="e2e"):
+        load_config(None, ["method.name=e2e", "train.stage_parallel=2"])
+    with pytest.raises(LocoError, match="no trainable parameters"):
+        check_modules([120, 0, 40])
+    cfg = load_config(None, ["method.name=loco", "train.stage_parallel=2"])
+    with pytest.raises(LocoError, match="torchrun --nproc_per_node=2"):
+        check_config(cfg, world=1)
+    with pytest.raises(LocoError, match="does not divide"):
+        stage_mapping("pretrain", 4, nodes=1, tasks_per_node=2)
+    mapping = stage_mapping("pretrain", 2, nodes=2, tasks_per_node=2)
+    assert "task 2 (node 1, local 0) -> stage S1, replica 1" in mapping

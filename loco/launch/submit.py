@@ -240,6 +240,13 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
     j.add_argument("--max-parallel", type=int, help="array tasks running at once (default all)")
     j.add_argument(
+        "--stage-parallel",
+        type=int,
+        metavar="K",
+        help="pretrain: one local module per task, K stages x (nodes x tasks per node / K) "
+        "replicas (e.g. 4 GPUs per node = 4 stages, nodes = replicas); sets train.stage_parallel",
+    )
+    j.add_argument(
         "--dry-run",
         action="store_true",
         help="print the sbatch script and the resolved config; submit nothing",
@@ -509,6 +516,12 @@ def _short(path: Path | str) -> str:
 def run(args: argparse.Namespace) -> int:
     argv = split_job_args(args)
     opts, profile = resolve_options(args)
+    stages = getattr(args, "stage_parallel", None)
+    if stages:
+        from loco.parallel.layout import stage_mapping
+
+        mapping = stage_mapping(args.job, stages, opts.nodes, opts.tasks())
+        argv = [*argv, f"train.stage_parallel={stages}"]
     points = sweep_points(args.sweep, args.sweep_file)
     base, tasks = build_tasks(args.job, argv, points)
     array = len(tasks) if points != [{}] else 1
@@ -523,6 +536,12 @@ def run(args: argparse.Namespace) -> int:
         for t in tasks
     ]
     if args.dry_run:
+        if stages:
+            print(mapping)
+            if tasks[0].config is not None:
+                from loco.parallel.layout import batch_and_lr
+
+                print(batch_and_lr(tasks[0].config, stages, opts.nodes * opts.tasks()))
         return _print_dry_run(args.job, opts, profile, executor, tasks, array, base)
 
     base.mkdir(parents=True, exist_ok=True)

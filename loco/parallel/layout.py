@@ -107,3 +107,36 @@ def make_groups(layout: StageLayout, rank: int) -> StageGroups:
             if r == layout.replica_of(rank):
                 mine[kind] = g
     return StageGroups(**mine)
+
+
+def stage_mapping(job: str, stages: int, nodes: int, tasks_per_node: int) -> str:
+    """``loco submit --stage-parallel K``: which Slurm task runs which stage (checked first)."""
+    if job != "pretrain":
+        raise LocoError(f"--stage-parallel applies to pretrain, not {job}")
+    world = nodes * tasks_per_node
+    layout = check_request(stages, world, "greedy")
+    lines = [
+        f"# stage parallel: {stages} stages x {layout.replicas} replicas on {nodes} node(s) x "
+        f"{tasks_per_node} task(s); global batch = optim.batch_size x {layout.replicas}"
+    ]
+    for rank in range(world):
+        node, local = divmod(rank, tasks_per_node)
+        lines.append(
+            f"#   task {rank} (node {node}, local {local}) -> stage S{layout.stage_of(rank) + 1}, "
+            f"replica {layout.replica_of(rank)}"
+        )
+    return "\n".join(lines)
+
+
+def batch_and_lr(config: dict, stages: int, world: int) -> str:
+    """The global batch and learning rate a stage-parallel launch trains with."""
+    from loco.config import config_from_dict
+    from loco.optim import scaled_lr
+
+    optim = config_from_dict(config).optim
+    replicas = world // stages
+    return (
+        f"# global batch {optim.batch_size * replicas} = optim.batch_size {optim.batch_size} x "
+        f"{replicas} replicas; lr {scaled_lr(optim, replicas):g} = base_lr {optim.base_lr:g} x "
+        f"{optim.batch_size * replicas}/256"
+    )

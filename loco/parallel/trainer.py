@@ -1,0 +1,357 @@
+"""``loco pretrain`` with ``train.stage_parallel=K``: each rank trains one local module.
+
+The loop is the single-process one (loco.train) with the step replaced by
+:class:`loco.parallel.stage.StageEngine`: same config, data order per replica, learning
+rate schedule, JSONL metrics, stop signals and checkpoint format. What differs:
+
+* the global batch is ``optim.batch_size`` x replicas (world / K), and the lr scales with it;
+* each replica's K stage ranks read the same batches (rank = replica for the sampler);
+  stage 0 feeds the images, upper stages use them only for InfoPro's reconstruction
+  target and for labels (online probe, SupCon);
+* a checkpoint gathers every stage's part (module, decoder, optimizer state) into one file
+  in today's format, written by rank 0, so ``loco eval``/``transfer`` and a resume with
+  any K (or none) read it. Pipelined runs drain first, so the file is a consistent state;
+* resuming with a different number of replicas (so a different global batch) is refused,
+  naming the ``optim.batch_size`` that keeps the checkpoint's global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from loco import checkpoint as ckpt
+from loco import train as single
+from loco.config import Config, config_from_dict, dump_yaml
+from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
+from loco.distributed import any_rank, barrier, broadcast_parameters, init_distributed
+from loco.errors import LocoError
+from loco.methods import Method, build_method
+from loco.models.backbone import build_backbone
+from loco.models.recompute import parse_recompute_plan
+from loco.monitor import OnlineProbe
+from loco.optim import build_optimizer, build_scheduler, scaled_lr
+from loco.parallel.layout import StageLayout, check_modules, check_request, make_groups
+from loco.parallel.schedule import placement_report
+from loco.parallel.stage import StageEngine, owned_state_names
+
+log = logging.getLogger("loco.parallel")
+
+
+def check_config(cfg: Config, world: int) -> StageLayout:
+    """Everything that can be refused before a process builds data or a model."""
+    if cfg.monitor.knn_every > 0:
+        raise LocoError(
+            "monitor.knn_every>0 needs the whole backbone on one rank; with "
+            "train.stage_parallel>1 set monitor.knn_every=0 and run loco eval on the checkpoint"
+        )
+    if cfg.model.sync_bn:
+        raise LocoError("model.sync_bn is not supported with train.stage_parallel>1")
+    if world == 1:
+        raise LocoError(
+            f"train.stage_parallel={cfg.train.stage_parallel} needs a multiple of "
+            f"{cfg.train.stage_parallel} processes; launch with torchrun "
+            f"--nproc_per_node={cfg.train.stage_parallel} -m loco pretrain ... or loco submit "
+            f"pretrain --stage-parallel {cfg.train.stage_parallel}"
+        )
+    return check_request(cfg.train.stage_parallel, world, cfg.method.name)
+
+
+class StagePretrainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.info = init_distributed()
+        self.layout = check_config(cfg, self.info.world_size)
+        self.rank = self.info.rank
+        self.device = single.resolve_device(cfg, self.info)
+        self.run_dir = Path(cfg.train.output_dir)
+        torch.manual_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        backbone = build_backbone(cfg.model, cfg.data.image_size)
+        check_request(
+            cfg.train.stage_parallel, self.info.world_size, cfg.method.name, backbone.num_modules
+        )
+        check_modules([len(backbone.module_parameters(k)) for k in range(backbone.num_modules)])
+        backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
+        self.method: Method = build_method(backbone, cfg).to(self.device)
+        broadcast_parameters(self.method)
+        self.stage = self.layout.stage_of(self.rank)
+        self.replica = self.layout.replica_of(self.rank)
+        self.loader = build_pretrain_loader(
+            cfg, rank=self.replica, world_size=self.layout.replicas, device=self.device
+        )
+        self.steps_per_epoch = steps_per_epoch(self.loader)
+        self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.method, cfg.optim, self.layout.replicas)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch
+        )
+        top = self.stage == self.layout.stages - 1
+        self.probe = (
+            OnlineProbe(backbone.channels[-1], len(self.loader.dataset.classes)).to(self.device)
+            if cfg.monitor.online_linear and top
+            else None
+        )
+        self.groups = make_groups(self.layout, self.rank)
+        self.engine = StageEngine(
+            self.method,
+            self.optimizer,
+            self.scheduler,
+            self.layout,
+            self.rank,
+            self.groups,
+            cfg.train.stage_schedule,
+            cfg.optim.grad_clip,
+            self.probe,
+        )
+        self.owned = owned_state_names(self.method, self.stage)
+        self.step = 0
+        self.metrics = single.MetricsWriter(self.run_dir, self.info.is_main)
+        self.global_batch = cfg.optim.batch_size * self.layout.replicas
+
+    # -- state ------------------------------------------------------------------------
+    def release_unowned(self) -> None:
+        """Free the other stages' weights, buffers and optimizer state: this rank holds
+        module k and its decoders only (their entries stay as empty placeholders)."""
+        others = set().union(
+            *(
+                owned_state_names(self.method, k)
+                for k in range(self.layout.stages)
+                if k != self.stage
+            )
+        )
+        with torch.no_grad():
+            for name, t in self.method.state_dict(keep_vars=True).items():
+                if name in others:  # what no stage trains stays everywhere
+                    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        for p in self.method.parameters():
+            if p.numel() == 0:
+                self.optimizer.state.pop(p, None)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Every stage's part, gathered on rank 0 (None elsewhere)."""
+        mine = None
+        if self.replica == 0:
+            sd = self.method.state_dict()
+            mine = {
+                "method": {n: sd[n] for n in self.owned},
+                "optimizer": self.optimizer.state_dict()["state"],
+                "probe": self.probe.state_dict() if self.probe else None,
+            }
+        parts: list[Any] = [None] * self.layout.world if self.info.is_main else []
+        dist.gather_object(mine, parts if self.info.is_main else None, dst=0)
+        if not self.info.is_main:
+            return None
+        method = self.method.state_dict()
+        optimizer = self.optimizer.state_dict()
+        probe = None
+        for part in (p for p in parts if p is not None):
+            method.update(part["method"])
+            optimizer["state"].update(part["optimizer"])
+            probe = part["probe"] or probe
+        prefix = "backbone.body."
+        return {
+            "method": method,
+            "backbone": {n[len(prefix) :]: v for n, v in method.items() if n.startswith(prefix)},
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "probe": probe,
+            "step": self.step,
+            "rng": ckpt.rng_state(),
+            "config": self.cfg.to_dict(),
+            "meta": {
+                "backbone": self.cfg.model.backbone,
+                "method": self.cfg.method.name,
+                "channels": self.method.backbone.channels,
+                "image_size": self.cfg.data.image_size,
+                "world_size": self.info.world_size,
+                "stage_parallel": self.layout.stages,
+                "replicas": self.layout.replicas,
+                "global_batch": self.global_batch,
+                "git": single.git_revision(),
+            },
+        }
+
+    def save(self) -> None:
+        self.engine.drain()  # a checkpoint is a state every stage agrees on
+        state = self.state_dict()
+        if state is not None:
+            path = ckpt.save_run_checkpoint(
+                self.run_dir, state, self.step, self.cfg.train.keep_checkpoints
+            )
+            log.info("checkpoint: %s (step %d)", path, self.step)
+        barrier()
+
+    def maybe_resume(self) -> None:
+        path = ckpt.find_resume(self.run_dir, self.cfg.train.resume)
+        if path is None:
+            return
+        state = ckpt.load(path)
+        old = config_from_dict(state.get("config", {}))
+        for section in single.COMPARED_ON_RESUME:
+            if getattr(old, section) != getattr(self.cfg, section):
+                raise LocoError(
+                    f"checkpoint {path} was made with a different '{section}' config; "
+                    f"use a new train.output_dir or train.resume=none"
+                )
+        meta = state.get("meta", {})
+        old_global = meta.get("global_batch", old.optim.batch_size * meta.get("world_size", 1))
+        if old_global != self.global_batch:
+            keep = (
+                f"optim.batch_size={old_global // self.layout.replicas}"
+                if old_global % self.layout.replicas == 0
+                else f"a number of replicas that divides {old_global}"
+            )
+            raise LocoError(
+                f"checkpoint {path} was trained with a global batch of {old_global}, this launch "
+                f"gives {self.global_batch} ({self.cfg.optim.batch_size} x {self.layout.replicas} "
+                f"replicas); resume with {keep} to keep it, or use a new train.output_dir"
+            )
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as exc:
+            raise LocoError(
+                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.probe and state.get("probe"):
+            self.probe.load_state_dict(state["probe"])
+        self.step = int(state["step"])
+        self.engine.fed = self.step
+        ckpt.set_rng_state(state["rng"])
+        self.metrics.truncate_after(self.step)
+        log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
+
+    # -- loop -------------------------------------------------------------------------
+    def batches(self):
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        while True:
+            set_loader_epoch(self.loader, epoch, skip)
+            yield from self.loader
+            epoch, skip = epoch + 1, 0
+
+    def gather_values(self) -> dict[str, float]:
+        """Replica 0's losses of every stage, on rank 0."""
+        parts: list[Any] = [None] * self.layout.world if self.info.is_main else []
+        mine = dict(self.engine.values) if self.replica == 0 else None
+        dist.gather_object(mine, parts if self.info.is_main else None, dst=0)
+        merged: dict[str, float] = {}
+        for part in (p for p in parts if p):
+            merged.update(part)
+        return dict(sorted(merged.items()))
+
+    def describe(self) -> str:
+        cfg, lay = self.cfg, self.layout
+        lines = [
+            f"stage parallel: {lay.stages} stages x {lay.replicas} replicas "
+            f"({lay.world} ranks), schedule {cfg.train.stage_schedule}",
+            f"global batch {self.global_batch} = optim.batch_size {cfg.optim.batch_size} x "
+            f"{lay.replicas} replicas; lr {scaled_lr(cfg.optim, lay.replicas):g} "
+            f"(base_lr {cfg.optim.base_lr:g} x {self.global_batch}/256)",
+            lay.describe(),
+            placement_report(self.method, cfg.data.image_size),
+        ]
+        return "\n".join(lines)
+
+    def fit(self) -> Path:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            log.info(
+                "loco %s | git %s | run dir %s",
+                cfg.method.name,
+                single.git_revision(),
+                self.run_dir,
+            )
+            log.info("resolved config:\n%s", dump_yaml(cfg))
+            log.info("%s", self.describe())
+        self.maybe_resume()
+        self.release_unowned()
+        log.info(
+            "rank %d: stage S%d of replica %d (%d parameters)",
+            self.rank,
+            self.stage + 1,
+            self.replica,
+            sum(p.numel() for p in self.engine.params),
+        )
+        if self.step >= self.total_steps:
+            log.info("already finished (%d steps)", self.step)
+            return self.run_dir
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"pretrain {cfg.method.name} x{self.layout.stages} stages",
+            disable=not (cfg.train.progress and self.info.is_main),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        t_last, n_last, last_saved = time.perf_counter(), self.step, self.step
+        stopped: str | None = None
+        self.method.train()
+        with single.StopFlag() as stop:
+            for views, labels, _bad in self.batches():
+                views = [v.to(self.device, non_blocking=True) for v in views]
+                labels = labels.to(self.device, non_blocking=True)
+                with single.autocast_for(cfg, self.device):
+                    self.engine.feed(views, labels)
+                self.step += 1
+                bar.update(1)
+                stopped = stop.requested or single._stop_request
+                if any_rank(bool(stopped)):
+                    stopped = stopped or "a signal on another rank"
+                end = self.step >= self.total_steps
+                if self.step % cfg.train.log_every == 0 or end:
+                    values = self.gather_values()
+                    if self.info.is_main:
+                        if not all(math.isfinite(v) for v in values.values()):
+                            raise LocoError(
+                                f"non-finite loss at step {self.step} ({values}); lower "
+                                "optim.base_lr, then resume from the last checkpoint"
+                            )
+                        now = time.perf_counter()
+                        values["img_per_s"] = (
+                            self.global_batch * (self.step - n_last) / max(now - t_last, 1e-9)
+                        )
+                        values["lr"] = self.optimizer.param_groups[0]["lr"]
+                        values["epoch"] = self.step / self.steps_per_epoch
+                        values["peak_mem_mb"] = single.peak_memory_mb(self.device)
+                        t_last, n_last = now, self.step
+                        self.metrics.write(self.step, values)
+                if (
+                    end
+                    or self.step % cfg.train.ckpt_every == 0
+                    or self.step % self.steps_per_epoch == 0
+                ):
+                    self.save()
+                    last_saved = self.step
+                if stopped or end:
+                    break
+            single.request_stop(None)
+            if stopped and self.step < self.total_steps:
+                if last_saved != self.step:
+                    self.save()
+                bar.close()
+                log.warning(
+                    "stopped by %s at step %d; resume with train.resume=auto", stopped, self.step
+                )
+                self.metrics.close()
+                raise SystemExit(143 if stopped == "SIGTERM" else 130)
+        self.engine.drain()
+        bar.close()
+        self.metrics.close()
+        return self.run_dir
+
+
+def pretrain_stage_parallel(cfg: Config) -> Path:
+    return StagePretrainer(cfg).fit()
