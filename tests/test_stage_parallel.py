@@ -150,7 +150,7 @@ def test_sync_equals_single_process_step(method, world, stages, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "method, world, stages, sabotage",
-    [("greedy", 2, 2, "send"), ("loco", 2, 2, "feedback"), ("loco", 4, 2, "feedback")],
+    [("greedy", 2, 2, "send"), ("loco", 4, 2, "feedback")],
 )
 def test_sync_comparison_fails_when_a_message_is_dropped(method, world, stages, sabotage, tmp_path):
     _, results = run(method, world, stages, sabotage=sabotage, tmp=tmp_path)

@@ -254,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size:
         cfg.data.image_size = args.image_size
     if args.split:
-        cfg.model.split = args.split[0] if not args.split[0].isdigit() else int(args.split[0])
+        from loco.bench import _splits
+
+        cfg.model.split = _splits(args.split)[0]
     threads = args.threads or 1
     steps = max(args.steps, 3)
     names = [m for m in args.methods.split(",") if m in ("greedy", "loco", "infopro")]
@@ -339,6 +341,18 @@ def markdown(result: dict) -> str:
                 f"model {x['predicted_speedup']:.2f}x, {100 * x['predicted_vs_measured']:+.0f}%)"
             )
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per-device memory (model: weights + grads + optimizer state, saved activations):",
+        "",
+    ]
+    for r in result["rows"]:
+        for s in ("sync", "pipelined"):
+            cells = ", ".join(
+                f"S{m['stage']} {m['weights_bytes'] / 2**20:.1f} + {m['activation_bytes'] / 2**20:.1f} MiB"
+                for m in r[s]["memory"]
+            )
+            lines.append(f"* {r['method']} {s}: {cells}")
     if result["flops_model"]:
         lines += [
             "",
