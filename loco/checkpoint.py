@@ -136,9 +136,15 @@ def backbone_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load into a timm model; ignore classifier keys; list mismatches in one clear error."""
+    """Load into a timm model; list mismatches in one clear error.
+
+    Keys of modules the backbone has replaced by ``nn.Identity`` are ignored: timm's classifier
+    (``num_classes=0``) and its post-pooling head (ConvNeXt's ``head.norm``, MobileNetV3's
+    ``conv_head``; see :func:`loco.models.backbone.build_backbone`), which a timm or older loco
+    checkpoint may hold. Every other key must match.
+    """
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "classifier."))}
+    state = {k: v for k, v in state.items() if k in own or not _of_removed_module(model, k)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -159,3 +165,16 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sour
             "check model.backbone / model.small_image match the pretraining config"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _of_removed_module(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to a module that ``model`` holds as ``nn.Identity``."""
+    path = key.rpartition(".")[0]
+    while path:
+        try:
+            if isinstance(model.get_submodule(path), nn.Identity):
+                return True
+        except AttributeError:
+            pass
+        path = path.rpartition(".")[0]
+    return False
