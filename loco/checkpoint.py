@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from loco.errors import LocoError
+from loco.rundir import RunDir
 
-LATEST = "checkpoint.pt"
 PREFIXES = ("module.", "backbone.body.", "backbone.", "encoder.", "body.", "model.")
 
 
@@ -58,15 +58,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_run_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int = 2) -> Path:
     """Write ``checkpoints/step_XXXXXXXX.pt`` and point ``checkpoint.pt`` at it."""
-    ckpt_dir = run_dir / "checkpoints"
-    path = ckpt_dir / f"step_{step:08d}.pt"
+    rd = RunDir(run_dir)
+    path = rd.step_checkpoint(step)
     atomic_save(state, path)
-    latest = run_dir / LATEST
-    tmp_link = run_dir / f".{LATEST}.tmp{os.getpid()}"
+    latest = rd.checkpoint
+    tmp_link = latest.with_name(f".{latest.name}.tmp{os.getpid()}")
     tmp_link.unlink(missing_ok=True)
     os.link(path, tmp_link)  # hard link: no copy, and `checkpoint.pt` is a real file
     os.replace(tmp_link, latest)
-    old = sorted(ckpt_dir.glob("step_*.pt"))[:-keep] if keep > 0 else []
+    old = rd.step_checkpoints()[:-keep] if keep > 0 else []
     for p in old:
         p.unlink(missing_ok=True)
     return path
@@ -77,7 +77,7 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        latest = run_dir / LATEST
+        latest = RunDir(run_dir).checkpoint
         return latest if latest.is_file() else None
     path = Path(resume)
     if not path.is_file():

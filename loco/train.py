@@ -16,7 +16,6 @@ import math
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from loco.models.backbone import build_backbone
 from loco.models.recompute import parse_recompute_plan
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
+from loco.rundir import RunDir, git_revision
 
 log = logging.getLogger("loco.train")
 
@@ -91,29 +91,6 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def git_revision() -> str:
-    """HEAD's short hash, ``-dirty`` when code or configs differ from it (docs do not count:
-    writing a results page must not mark the runs behind it dirty)."""
-
-    def git(*args: str) -> str:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip()
-
-    try:
-        rev = git("rev-parse", "--short", "HEAD")
-        if not rev:
-            return "unknown"
-        changed = git(
-            "status", "--porcelain", "--untracked-files=no", "--", ":/loco", ":/tools", ":/configs"
-        )
-        return f"{rev}-dirty" if changed else rev
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -168,13 +145,13 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(RunDir(run_dir).tensorboard))
             except ImportError:
                 pass
 
@@ -348,7 +325,7 @@ class Pretrainer:
         cfg = self.cfg
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            RunDir(self.run_dir).config.write_text(dump_yaml(cfg))
             log.info("loco %s | git %s | run dir %s", cfg.method.name, git_revision(), self.run_dir)
             log.info("resolved config:\n%s", dump_yaml(cfg))
             log.info(
