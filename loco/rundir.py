@@ -19,6 +19,10 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loco.config import Config
 
 CHECKPOINTS = "checkpoints"
 
@@ -111,3 +115,21 @@ def git_revision() -> str:
         return f"{rev}-dirty" if changed else rev
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def preflight(cfg: Config, world_size: int | None = None) -> None:
+    """Raise the one-line LocoError a pretraining run with ``cfg`` would stop with at its
+    start: the run dir is locked by a live run, or its checkpoint cannot be resumed under
+    ``cfg`` (the rules of :mod:`loco.resume`; ``world_size`` when known). ``loco submit``
+    calls it, so that such a job is not queued."""
+    from loco import checkpoint, resume
+    from loco.runlock import check_free
+
+    rd = RunDir(cfg.train.output_dir)
+    check_free(rd.lock)
+    if resume.weights_source(cfg) is not None:
+        return
+    path = checkpoint.find_resume(rd.root, cfg.train.resume)
+    if path is not None:
+        mode = "extend" if cfg.train.resume == "extend" else "exact"
+        resume.check(path, checkpoint.load(path, mmap=True), cfg, world_size, mode)
