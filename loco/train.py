@@ -242,8 +242,9 @@ class Pretrainer:
             self.method.backbone.compile_units()
 
     # -- state ------------------------------------------------------------------------
-    def state_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    def state_dict(self, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The checkpoint; ``rngs``: every rank's generator states, rank 0 first."""
+        rngs = rngs or [ckpt.rng_state()]
         return {
             "method": self.method.state_dict(),
             "backbone": self.method.backbone.body.state_dict(),

@@ -165,3 +165,29 @@ def test_preflight_refuses_a_locked_or_incompatible_run_dir(tmp_path):
     _write_lock(run.lock)  # a live holder on another host
     with pytest.raises(LocoError, match="in use by another run"):
         preflight(cfg)
+
+
+def test_checkpoint_copied_where_hard_links_fail_and_directory_synced(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    from loco import checkpoint as ckpt
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # e.g. some FUSE/SMB mounts
+
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "fsync", record)
+    run = RunDir(tmp_path)
+    ckpt.save_run_checkpoint(run.root, {"step": 3}, 3)
+    assert ckpt.load(run.checkpoint)["step"] == 3
+    assert run.checkpoint.read_bytes() == run.step_checkpoint(3).read_bytes()
+    assert os.stat(run.checkpoint).st_ino != os.stat(run.step_checkpoint(3)).st_ino  # a copy
+    assert synced.count(True) >= 2  # checkpoints/ after its rename, the run dir after ours

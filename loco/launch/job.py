@@ -113,8 +113,8 @@ class LocoJob(Checkpointable):
         cfg = config_from_dict(self.config)
         resuming = self.resume or restart_count() > 0
         latest = RunDir(cfg.train.output_dir).checkpoint
-        if resuming and latest.is_file():
-            cfg.train.resume = "auto"
+        if resuming and latest.is_file() and cfg.train.resume != "extend":
+            cfg.train.resume = "auto"  # (extend: its first save may not have happened yet)
             log.info("requeued run: resuming from %s", latest)
         self._usr2 = False
         previous = signal.signal(signal.SIGUSR2, self._on_usr2)
