@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from loco.errors import LocoError
-from loco.eval.results import RESULTS, param_text, read_results
+from loco.eval.results import param_text, read_results
+from loco.rundir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def load_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         path = Path(run)
-        label = path.parent.name if path.name == RESULTS else path.name
+        label = path.parent.name if path == RunDir(path.parent).results else path.name
         for r in read_results(path):
             rows.append({**r, "run": label})
     return rows
