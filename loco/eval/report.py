@@ -110,9 +110,10 @@ def detection_table(rows: list[dict[str, Any]]) -> str:
     head += [LABELS[k] for k in keys] + ["n_train"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["protocol"], r["run"], r["method"], r["dataset"])):
-        cells = [str(r.get(k, "")) for k in head[:5]]
-        cells += [str(r.get("setting", "")), str(r.get("iterations", ""))]
-        cells += [metric_text(r, k) for k in keys] + [str(r.get("n_train", ""))]
+        info = [r.get(k) for k in (*head[:5], "setting", "iterations")]
+        cells = ["" if v is None else str(v) for v in info]
+        n_train = r.get("n_train")  # None: an evaluation without the training set on disk
+        cells += [metric_text(r, k) for k in keys] + ["" if n_train is None else str(n_train)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -151,7 +151,14 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         ) from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise LocoError(f"'{path}' is not a list of result rows; delete it and re-run `loco eval`")
-    return [_upgrade(r) for r in rows]
+    rows = [_upgrade(r) for r in rows]
+    for n, row in enumerate(rows):
+        if not any(all(k in row for k in keys) for keys in METRICS.values()):
+            raise LocoError(
+                f"'{path}' row {n} holds neither {'/'.join(METRICS['classification'])} nor "
+                f"{'/'.join(METRICS['detection'])}; delete it and re-run the evaluation"
+            )
+    return rows
 
 
 def write_results(run_dir: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
