@@ -11,8 +11,9 @@ rate schedule, JSONL metrics, stop signals and checkpoint format. What differs:
 * a checkpoint gathers every stage's part (module, decoder, optimizer state) into one file
   in today's format, written by rank 0, so ``loco eval``/``transfer`` and a resume with
   any K (or none) read it. Pipelined runs drain first, so the file is a consistent state;
-* resuming with a different number of replicas (so a different global batch) is refused,
-  naming the ``optim.batch_size`` that keeps the checkpoint's global batch.
+* resume follows :mod:`loco.resume` with the replicas as the world size: any K (or none)
+  with the same number of replicas continues exactly (same global batch, data order, lr;
+  ``sync`` is the single-process step); a different number of replicas is refused.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from loco import checkpoint as ckpt
+from loco import resume
 from loco import train as single
-from loco.config import Config, config_from_dict, dump_yaml
+from loco.config import Config, dump_yaml
 from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
 from loco.distributed import any_rank, barrier, broadcast_parameters, init_distributed
 from loco.errors import LocoError
@@ -173,7 +175,8 @@ class StagePretrainer:
                 "method": self.cfg.method.name,
                 "channels": self.method.backbone.channels,
                 "image_size": self.cfg.data.image_size,
-                "world_size": self.info.world_size,
+                "world_size": self.layout.replicas,  # the data-parallel world (resume rules)
+                "ranks": self.info.world_size,
                 "stage_parallel": self.layout.stages,
                 "replicas": self.layout.replicas,
                 "global_batch": self.global_batch,
@@ -192,38 +195,30 @@ class StagePretrainer:
         barrier()
 
     def maybe_resume(self) -> None:
-        path = ckpt.find_resume(self.run_dir, self.cfg.train.resume)
+        """The rules of :mod:`loco.resume`, with the data-parallel world being the number of
+        replicas: a checkpoint continues exactly under any K (or none) that keeps the
+        replicas, hence the global batch, data order and lr; other replica counts are refused."""
+        weights = resume.weights_source(self.cfg)
+        path = weights or ckpt.find_resume(self.run_dir, self.cfg.train.resume)
         if path is None:
             return
         state = ckpt.load(path)
-        old = config_from_dict(state.get("config", {}))
-        for section in single.COMPARED_ON_RESUME:
-            if getattr(old, section) != getattr(self.cfg, section):
-                raise LocoError(
-                    f"checkpoint {path} was made with a different '{section}' config; "
-                    f"use a new train.output_dir or train.resume=none"
-                )
-        meta = state.get("meta", {})
-        old_global = meta.get("global_batch", old.optim.batch_size * meta.get("world_size", 1))
-        if old_global != self.global_batch:
-            keep = (
-                f"optim.batch_size={old_global // self.layout.replicas}"
-                if old_global % self.layout.replicas == 0
-                else f"a number of replicas that divides {old_global}"
-            )
-            raise LocoError(
-                f"checkpoint {path} was trained with a global batch of {old_global}, this launch "
-                f"gives {self.global_batch} ({self.cfg.optim.batch_size} x {self.layout.replicas} "
-                f"replicas); resume with {keep} to keep it, or use a new train.output_dir"
-            )
+        extend = self.cfg.train.resume == "extend"
+        if weights is None:
+            mode = "extend" if extend else "exact"
+            resume.check(path, state, self.cfg, self.layout.replicas, mode)
         try:
             self.method.load_state_dict(state["method"])
-        except RuntimeError as exc:
+        except (RuntimeError, KeyError) as exc:
             raise LocoError(
                 f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
             ) from None
+        if weights is not None:
+            log.info("new schedule from the weights of %s (its step %s)", path, state.get("step"))
+            return
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if not extend:
+            self.scheduler.load_state_dict(state["scheduler"])
         if self.probe and state.get("probe"):
             self.probe.load_state_dict(state["probe"])
         self.step = int(state["step"])
