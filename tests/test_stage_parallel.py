@@ -371,3 +371,19 @@ def test_bad_config_fails_before_any_process_starts():
         stage_mapping("pretrain", 4, nodes=1, tasks_per_node=2)
     mapping = stage_mapping("pretrain", 2, nodes=2, tasks_per_node=2)
     assert "task 2 (node 1, local 0) -> stage S1, replica 1" in mapping
+
+
+def test_schedule_model_on_hand_computed_costs():
+    from loco.parallel.schedule import StageCost, predict
+
+    # greedy: stage 1 = 1 + 0.5 + 2 = 3.5 s, stage 2 = 2 + 0.5 + 3 = 5.5 s, 9 s in one process
+    greedy = [StageCost(1, 0.5, 0, 2, 0), StageCost(2, 0.5, 0, 3, 0)]
+    assert predict(greedy, False, "pipelined")["speedup"] == pytest.approx(9 / 5.5)
+    assert predict(greedy, False, "sync")["speedup"] == pytest.approx(9 / (1 + 5.5))
+    # loco: stage 1's weight pass (2 s) waits for stage 2's one backward pass (3 s); 1 byte
+    # per second makes the 1-byte activation and the cotangent cost 1 s each way
+    loco = [StageCost(1, 0.5, 0, 2, 1), StageCost(2, 0.5, 0, 3, 1)]
+    # sync: stage 2 starts at 1 + 1 (send), its feedback is ready at 2 + 5.5, arrives at 8.5
+    assert predict(loco, True, "sync", bandwidth=1)["step_s"] == pytest.approx(8.5 + 2)
+    # pipelined: both start at 0; feedback ready at 5.5, arrives at 6.5
+    assert predict(loco, True, "pipelined", bandwidth=1)["step_s"] == pytest.approx(6.5 + 2)
