@@ -332,6 +332,7 @@ def test_trainer_checkpoint_stop_and_exact_resume(cifar_val_root, tmp_path):
         "model.split=2",
         "optim.max_steps=5",
         "train.ckpt_every=2",
+        "train.resume=extend",
     )
     pretrain(cfg)
     assert ckpt.load(tmp_path / "full" / "checkpoint.pt")["step"] == 5
