@@ -20,12 +20,12 @@ from loco.eval.results import (
     LABELS,
     METRICS,
     MISSING,
-    RESULTS,
     metric_family,
     metric_text,
     param_text,
     read_results,
 )
+from loco.rundir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def load_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         path = Path(run)
-        label = path.parent.name if path.name == RESULTS else path.name
+        label = path.parent.name if path == RunDir(path.parent).results else path.name
         for r in read_results(path):
             rows.append({**r, "run": label})
     return rows

@@ -39,8 +39,8 @@ from typing import Any
 
 from loco.errors import LocoError
 from loco.filelock import locked
+from loco.rundir import RunDir
 
-RESULTS = "results.json"
 REQUIRED = (
     "method",
     "backbone",
@@ -140,7 +140,7 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a ``results.json`` (a file, or a run directory holding one)."""
     path = Path(path)
     if path.is_dir():
-        path = path / RESULTS
+        path = RunDir(path).results
     if not path.is_file():
         raise LocoError(f"no results at '{path}'; run `loco eval` on that run first")
     try:
@@ -165,8 +165,8 @@ def write_results(run_dir: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Merge ``rows`` into ``run_dir/results.json`` (same identity: replaced) atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULTS
-    with locked(run_dir / f".{RESULTS}.lock"):
+    path = RunDir(run_dir).results
+    with locked(RunDir(run_dir).results_lock):
         old = read_results(path) if path.is_file() else []
         new_ids = {identity(r) for r in rows}
         merged = [r for r in old if identity(r) not in new_ids] + list(rows)
@@ -178,7 +178,7 @@ def write_results(run_dir: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
                 r.get("k") or 0,
             )
         )
-        tmp = path.with_name(f".{RESULTS}.tmp{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(merged, indent=1, allow_nan=False) + "\n")
         os.replace(tmp, path)
     return path

@@ -17,6 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from loco.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 
@@ -89,9 +91,7 @@ def _default_output_dir(args: argparse.Namespace) -> str | None:
         return args.output_dir
     stem = Path(args.config).stem if getattr(args, "config", None) else "run"
     if args.checkpoint and Path(args.checkpoint).is_file():
-        parent = Path(args.checkpoint).resolve().parent
-        run = parent.parent if parent.name == "checkpoints" else parent
-        return str(run / "transfer" / stem)
+        return str(RunDir.from_checkpoint(args.checkpoint).root / "transfer" / stem)
     return str(_outside_source_tree(Path("runs") / "transfer" / stem))
 
 

@@ -349,7 +349,7 @@ def _start_run(cfg: CfgNode, args: argparse.Namespace, kind: str) -> logging.Han
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     if not comm.is_main_process():
         return None
-    from loco.train import git_revision
+    from loco.rundir import git_revision
 
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
