@@ -28,7 +28,7 @@ def make_cfg(method: str, stages: int) -> Config:
     cfg = Config()
     cfg.method.name = method
     cfg.model.backbone = "resnet18"
-    cfg.model.kwargs = {"channels": [8, 16, 32, 64], "stem_width": 8}
+    cfg.model.kwargs = {"channels": [8, 16, 32, 64]}
     cfg.model.split = stages
     cfg.data.image_size = SIZE
     cfg.decoder.hidden_dim, cfg.decoder.out_dim = 32, 16
@@ -248,7 +248,7 @@ def tiny_cfg(root, out, *extra) -> Config:
             "train.progress=false",
             "train.log_every=1",
             "train.deterministic=true",
-            "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+            "model.kwargs={channels: [8, 16, 32, 64]}",
             "decoder.hidden_dim=64",
             "decoder.out_dim=32",
             *extra,
