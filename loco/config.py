@@ -7,6 +7,7 @@ typo in a multi-day run's config should fail in the first second, not after the 
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
 import types
@@ -30,6 +31,13 @@ class DataConfig:
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"
+    # false: pretrain on images without classes, every image under <root>/<train_split> (or
+    # under <root> when that has no such folder), nested in any way; a folder with images
+    # directly in it is read this way too. The online probe and kNN monitor then turn off.
+    labels: bool = True
+    # a text file of image paths to pretrain on (one per line; relative paths are relative
+    # to data.root, else to the file's folder): unlabelled, like data.labels=false
+    list: str = ""
     image_size: int = 32
     # SimCLR augmentation strengths
     crop_scale_min: float = 0.08
@@ -44,8 +52,9 @@ class DataConfig:
     pipeline: str = "pil"
     num_workers: int = 2
     # normalisation stats used by the model input
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # (builtins.list: the field `list` above shadows the name inside this class)
+    mean: builtins.list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: builtins.list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -343,8 +352,15 @@ def validate(cfg: Config) -> None:
         raise LocoError(
             f"data.dataset '{cfg.data.dataset}' unknown; use cifar10, clothing, or folder with data.root=PATH"
         )
-    if cfg.data.dataset == "folder" and not cfg.data.root:
-        raise LocoError("data.dataset=folder needs data.root=PATH (an ImageFolder tree)")
+    if cfg.data.dataset == "folder" and not (cfg.data.root or cfg.data.list):
+        raise LocoError(
+            "data.dataset=folder needs data.root=PATH (an image folder) or data.list=FILE"
+        )
+    unlabelled = not cfg.data.labels or bool(cfg.data.list)
+    if unlabelled and cfg.data.per_class:
+        raise LocoError("data.per_class needs class labels; unset it for unlabelled data")
+    if unlabelled and cfg.method.supervised:
+        raise LocoError("method.supervised=true needs class labels; use data.labels=true")
     try:  # the module count is the backbone's: build time checks the range
         parse_recompute_plan(cfg.train.recompute, None)
     except LocoError as exc:

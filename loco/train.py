@@ -237,14 +237,17 @@ class Pretrainer:
         self.scheduler = build_scheduler(
             self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch
         )
+        classes = self.loader.dataset.classes
+        if not classes and (cfg.monitor.online_linear or cfg.monitor.knn_every > 0):
+            log.info("unlabelled training data: the online linear probe and kNN monitor are off")
         self.probe = (
-            OnlineProbe(backbone.channels[-1], len(self.loader.dataset.classes)).to(self.device)
-            if cfg.monitor.online_linear
+            OnlineProbe(backbone.channels[-1], len(classes)).to(self.device)
+            if cfg.monitor.online_linear and classes
             else None
         )
         self.knn_monitor = (
             KNNMonitor(cfg, self.device)
-            if cfg.monitor.knn_every > 0 and self.info.is_main
+            if cfg.monitor.knn_every > 0 and self.info.is_main and classes
             else None
         )
         self.params = [p for p in self.method.parameters() if p.requires_grad]

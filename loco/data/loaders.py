@@ -9,6 +9,7 @@ at step k of an epoch, or run with a different ``num_workers``, sees the same pi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,11 @@ from loco.config import Config
 from loco.data.augment import SimCLRParams, SimCLRTransform, eval_transform
 from loco.data.folder import (
     FolderSubset,
+    ImageFiles,
     ImageFolderDataset,
     SkipUnreadable,
+    UnlabelledImages,
+    has_loose_images,
     list_classes,
     subset_per_class,
 )
@@ -118,10 +122,8 @@ def build_pretrain_loader(
     (JPEGs decoded there too) and by the CPU workers otherwise.
     """
     data = cfg.data
-    root = resolve_data_root(data, splits=[data.train_split])
     tensor = data.pipeline == "tensor"
-    transform = None if tensor else SimCLRTransform(data)
-    base = ImageFolderDataset(root / data.train_split, transform=transform)
+    base = pretrain_images(cfg, transform=None if tensor else SimCLRTransform(data))
     indices = subset_per_class(base, data.per_class, cfg.train.seed) if data.per_class else None
     size = len(base) if indices is None else len(indices)
     sampler = EpochSampler(size, seed=cfg.train.seed, rank=rank, world_size=world_size)
@@ -152,6 +154,21 @@ def build_pretrain_loader(
     )
 
 
+def pretrain_images(cfg: Config, transform: Any = None) -> ImageFiles:
+    """The pretraining images: ``data.list``, an unlabelled folder (``data.labels=false`` or
+    images directly in the folder), or the labelled ImageFolder train split."""
+    data = cfg.data
+    if data.list:
+        return UnlabelledImages.from_list(data.list, data.root, transform)
+    if data.root and (not data.labels or data.dataset == "folder"):
+        root = Path(data.root).expanduser()
+        folder = root / data.train_split if (root / data.train_split).is_dir() else root
+        if folder.is_dir() and (not data.labels or has_loose_images(folder)):
+            return UnlabelledImages.from_folder(folder, transform)
+    root = resolve_data_root(data, splits=[data.train_split])
+    return ImageFolderDataset(root / data.train_split, transform=transform)
+
+
 def build_eval_loader(
     cfg: Config, split: str, batch_size: int, per_class: int = 0, seed: int = 0
 ) -> DataLoader:
@@ -161,6 +178,12 @@ def build_eval_loader(
     of every split agree even if one split lacks a class. ``loader.dataset.classes`` names them.
     """
     data = cfg.data
+    if data.list or not data.labels:
+        raise LocoError(
+            "evaluation needs labelled images (<root>/<split>/<class>/<image>) but this config "
+            "pretrains on unlabelled data; point it at a labelled tree, e.g. `--data PATH` or "
+            "data.dataset=folder data.root=PATH data.labels=true data.list="
+        )
     root = resolve_data_root(data, splits=[split])
     train_dir = root / data.train_split
     classes = list_classes(train_dir) if split != data.train_split and train_dir.is_dir() else None
