@@ -7,6 +7,8 @@ Three formats, each the backbone only (no decoders, optimizer or probe) with met
 * ``torchvision`` (ResNets of the stock widths): the same keys, which
   ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` loads with only
   ``fc.*`` missing (timm's ResNet names its parameters as torchvision does), plus the JSON;
+  timm's post-pooling head modules, which a loco backbone does not train (ConvNeXt's
+  ``head.norm``), are written at timm's initial values and listed as ``untrained_keys``;
 * ``safetensors``: the state dict with the metadata in the file's own header.
 
 A backbone pretrained with the 32 px stem (3x3 stride-1 conv, no max-pool) differs from the
@@ -144,6 +146,8 @@ def export(
     meta = export_metadata(state, path)
     meta["weights"] = "ema" if ema else "online"
     tensors = {k: v.contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    untrained = _add_untrained_head(meta, tensors)
+    meta["untrained_keys"] = untrained
     if to == "torchvision":
         _check_torchvision(meta, tensors)
     dest = Path(out) if out else path.parent / f"{Path(path).parent.name}_{to}{FORMATS[to]}"
@@ -173,6 +177,26 @@ def export(
             meta["stem_change"],
         )
     return Exported(dest, meta, tensors)
+
+
+def _add_untrained_head(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys a stock ``timm.create_model(name, num_classes=0)`` has and the backbone lacks:
+    timm's post-pooling head (e.g. ConvNeXt's ``head.norm``), which a loco backbone does not
+    hold (docs/methods.md). Added at timm's initial values so a strict load works; listed in
+    the metadata as untrained."""
+    import timm
+
+    stock = timm.create_model(meta["timm_model"], num_classes=0, **meta["timm_kwargs"])
+    missing = [k for k in stock.state_dict() if k not in tensors]
+    for k in missing:
+        tensors[k] = stock.state_dict()[k].contiguous()
+    if missing:
+        log.info(
+            "%d untrained head keys added at timm's initial values: %s",
+            len(missing),
+            ", ".join(missing),
+        )
+    return missing
 
 
 def _check_torchvision(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
