@@ -80,8 +80,9 @@ def export_metadata(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
         "image_size": cfg.data.image_size,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
-        "readout": "global average pool of each local module's output; the module ends are "
-        "the timm modules in `stages` (loco eval's per-stage features)",
+        "readout": "global average pool of each local module's output (loco eval's per-stage "
+        "features); `stages` names where each module ends: a timm feature_info module, or "
+        "forward_features (the last module, with timm's trailing norm/conv head)",
         "stages": _stage_names(backbone),
         "source": str(checkpoint),
         "loco_version": __version__,
@@ -102,11 +103,16 @@ def _stem_change(body: torch.nn.Module) -> str:
 
 def _stage_names(backbone: Any) -> list[str]:
     """Where each local module ends, as a timm ``feature_info`` module name when it ends one
-    (``forward_intermediates`` indices), else as the path of its last unit."""
+    (``forward_intermediates`` indices), else as the path of its last unit. A last module
+    that takes in timm's trailing modules (a ViT's final ``norm``, EfficientNet's
+    ``conv_head``) ends where timm's ``forward_features`` does: named so."""
     names = [f["module"] for f in backbone.body.feature_info]
     units = [u.path for g in backbone.groups for u in g]
     out = []
     for group in backbone.groups:
+        if any(getattr(u, "trailing", False) for u in group):
+            out.append("forward_features")
+            continue
         last = group[-1].path
         after = units[units.index(last) + 1 :]
         owner = next(

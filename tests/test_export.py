@@ -64,10 +64,12 @@ USER_SCRIPT = textwrap.dedent(
             outs["pooled"] = model(x).numpy()
         else:
             names = [f["module"] for f in model.feature_info]
-            idx = [names.index(s) for s in meta["stages"]]
+            idx = [names.index(s) for s in meta["stages"] if s != "forward_features"]
             feats = model.forward_intermediates(x, indices=idx, intermediates_only=True,
                                                 **({"return_prefix_tokens": True}
                                                    if hasattr(model, "_pos_embed") else {}))
+            if meta["stages"][-1] == "forward_features":
+                feats.append(model.forward_features(x))
             for k, f in enumerate(feats):
                 if isinstance(f, tuple):  # ViT: (spatial NCHW, prefix tokens) -> tokens
                     spatial, prefix = f
