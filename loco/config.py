@@ -122,7 +122,9 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 | fp16 (autocast + gradient scaling, for
+    # GPUs without bf16 such as V100s; one scaler step covers all local losses of a step)
+    precision: str = "auto"
     channels_last: bool = True  # CUDA only
     compile: bool = False
     deterministic: bool = False
@@ -135,6 +137,12 @@ class TrainConfig:
     # k recomputes its first n segments: stem or residual blocks); `loco bench --recompute
     # auto=RATIO` finds the cheapest plan under a memory budget and prints it
     recompute: str = "none"
+    # Weights & Biases: the scalars of metrics.jsonl; the W&B run id is kept in the run dir,
+    # so a requeued job continues the same W&B run (WANDB_MODE=offline works without network)
+    wandb: bool = False
+    wandb_project: str = "loco"
+    wandb_entity: str = ""
+    wandb_tags: builtins.list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -169,7 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.shared_update": ("both", "upper"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
 

@@ -91,8 +91,9 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -146,8 +147,10 @@ def request_stop(reason: str | None) -> None:
 class MetricsWriter:
     """JSONL metrics (always) and TensorBoard events (when tensorboard is installed)."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: Config | None = None) -> None:
         self.enabled = enabled
+        self.wandb_cfg = wandb_cfg  # W&B too when given (opened at the first write)
+        self.wandb: Any = None
         self.path = RunDir(run_dir).metrics
         self.tb_dir = RunDir(run_dir).tensorboard
         self.tb: Any = None  # opened at the first write: nothing is written before the run lock
@@ -162,8 +165,14 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(self.tb_dir))
             except ImportError:
                 self.tb = False
+        if self.wandb is None and self.wandb_cfg is not None:
+            from loco.tracking import WandbRun
+
+            self.wandb = WandbRun(RunDir(self.path.parent), self.wandb_cfg)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, int | float):
@@ -186,6 +195,9 @@ class MetricsWriter:
         if self.tb:
             self.tb.close()
         self.tb = None
+        if self.wandb is not None:
+            self.wandb.close()
+        self.wandb = None
 
 
 class Pretrainer:
@@ -238,7 +250,13 @@ class Pretrainer:
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.step = 0
         self.lock: RunLock | None = None  # held by rank 0 while fit() runs
-        self.metrics = MetricsWriter(self.run_dir, self.info.is_main)
+        self.metrics = MetricsWriter(
+            self.run_dir, self.info.is_main, cfg if cfg.train.wandb else None
+        )
+        # fp16: one gradient scaler for all local losses of a step (Method.backward_loss)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        if self.scaler.is_enabled():
+            self.method.loss_scaler = self.scaler.scale
         self.skipped_images: list[str] = []
         self.skipped_count = 0
         if cfg.train.compile:
@@ -253,6 +271,7 @@ class Pretrainer:
             "backbone": self.method.backbone.body.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "probe": self.probe.state_dict() if self.probe else None,
             "step": self.step,
             "rng": rngs[0],  # rank 0's (what checkpoints before per-rank states held)
@@ -294,6 +313,8 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if not extend:  # extend: keep the schedule built for the new horizon
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.probe and state.get("probe"):
             self.probe.load_state_dict(state["probe"])
         self.step = int(state["step"])
@@ -344,9 +365,16 @@ class Pretrainer:
         values = {k: float(v) for k, v in out.losses.items()}
         self.check_health(values)
         average_gradients(self.params)
+        if self.scaler.is_enabled():  # an inf/NaN gradient anywhere skips the whole step
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            values["loss_scale"] = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         if self.probe is not None:
             values.update(self.probe.step(out.features, labels.repeat(len(views))))
         values["lr"] = self.optimizer.param_groups[0]["lr"]
