@@ -489,6 +489,4 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
             )
     units = _walk_units(model)
     groups = resolve_split(units, cfg.split)
-    if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return StagedBackbone(model, groups, cfg.backbone, image_size)
