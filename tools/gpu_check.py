@@ -89,7 +89,7 @@ def bf16_step(name: str) -> Callable[[], str]:
         ]
         assert not bad, f"losses not finite fp32: {bad}"
         g = grads(method)
-        missing = [n for n, p in method.backbone.named_parameters() if n not in g]
+        missing = [n for n, _ in method.backbone.named_parameters() if f"backbone.{n}" not in g]
         assert not missing, f"backbone parameters without gradient: {missing[:3]}"
         nonfinite = [n for n, t in g.items() if not torch.isfinite(t).all()]
         assert not nonfinite, f"non-finite gradients: {nonfinite[:3]}"
