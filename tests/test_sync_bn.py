@@ -100,7 +100,7 @@ def test_two_cpu_processes_with_sync_bn_train_and_warn_once(cifar_val_root, tmp_
         "optim.batch_size=4",
         "optim.max_steps=1",
         "model.sync_bn=true",
-        "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+        "model.kwargs={channels: [16, 32, 64, 128]}",
         "decoder.conv_block=true",
         "decoder.hidden_dim=32",
         "decoder.out_dim=16",
