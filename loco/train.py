@@ -44,6 +44,7 @@ from loco.errors import LocoError
 from loco.methods import Method, build_method
 from loco.models.backbone import build_backbone
 from loco.models.recompute import parse_recompute_plan
+from loco.models.sync_bn import sync_batchnorm
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
 from loco.rundir import RunDir, git_revision
@@ -223,7 +224,10 @@ class Pretrainer:
 
         backbone = build_backbone(cfg.model, cfg.data.image_size)
         backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
-        self.method: Method = build_method(backbone, cfg).to(self.device)
+        method = build_method(backbone, cfg)
+        if cfg.model.sync_bn:  # backbone and decoders alike
+            method = sync_batchnorm(method, self.device)
+        self.method: Method = method.to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         broadcast_parameters(self.method)

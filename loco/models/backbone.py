@@ -594,6 +594,4 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
         model.set_submodule(path, nn.Identity())
     groups[-1] = [*groups[-1], *trailing]
     _check_every_parameter_trained(model, [u for g in groups for u in g], cfg.backbone)
-    if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return StagedBackbone(model, groups, cfg.backbone, image_size)
