@@ -27,7 +27,7 @@ from loco.config import Config, load_config
 from loco.distributed import _submitit_env, expand_nodelist, job_port
 from loco.errors import LocoError
 from loco.launch import submit
-from loco.launch.jobs import DONE, sacct_states
+from loco.launch.status import DONE, sacct_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,7 +244,7 @@ def test_request_stop_saves_the_current_step_and_resumes_exactly(cifar_val_root,
 
 
 def test_job_checkpoint_requeues_with_resume_until_the_limit(monkeypatch, tmp_path):
-    from loco.launch.job import LocoJob
+    from loco.launch.entry import LocoJob
 
     job = LocoJob(
         "pretrain", ["optim.max_steps=5"], str(tmp_path), config=Config().to_dict(), max_requeues=2

@@ -4,7 +4,7 @@
         --profile mycluster --nodes 4 --gpus-per-node 8 --time 72:00:00
 
 One Slurm task per GPU (``--tasks-per-node`` defaults to ``--gpus-per-node``); each task runs
-:class:`loco.launch.job.LocoJob`, which brings up torch.distributed from the job environment
+:class:`loco.launch.entry.LocoJob`, which brings up torch.distributed from the job environment
 and requeues itself on timeout or preemption. Everything after the job name goes to
 ``loco JOB`` unchanged, except the submit options below (write the job's arguments after
 ``--`` to pass them verbatim). Defaults come from a cluster profile (``--profile NAME|PATH``
@@ -516,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(opts.folder).expanduser().resolve() if opts.folder else base / "slurm" / "%j"
     params = sbatch_parameters(opts, job_name, array)
     executor = make_executor(folder, opts, params, render_only=args.dry_run)
-    from loco.launch.job import LocoJob
+    from loco.launch.entry import LocoJob
 
     jobs = [
         LocoJob(args.job, t.argv, str(t.run_dir), config=t.config, max_requeues=opts.max_requeues)
