@@ -39,7 +39,9 @@ def tiny(root: Path, out: Path, *extra: str) -> list[str]:
 def loco(argv: list[str], log: Path) -> subprocess.Popen:
     """``loco ARGV`` in its own session (process group), one thread, this tree's code."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    code = "import sys, torch; torch.set_num_threads(1); from loco.cli import main; sys.exit(main())"
+    code = (
+        "import sys, torch; torch.set_num_threads(1); from loco.cli import main; sys.exit(main())"
+    )
     return subprocess.Popen(
         [sys.executable, "-c", code, *argv],
         env=env,
@@ -68,7 +70,9 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_sigterm_to_the_group_saves_the_step_and_resumes_exactly(cifar_val_root, tmp_path, one_thread):
+def test_sigterm_to_the_group_saves_the_step_and_resumes_exactly(
+    cifar_val_root, tmp_path, one_thread
+):
     full = load_config(None, tiny(cifar_val_root, tmp_path / "full", f"optim.max_steps={STEPS}"))
     full.data.num_workers = 0  # the samples do not depend on the workers (loco.data.loaders)
     pretrain(full)
@@ -98,7 +102,7 @@ def test_sigterm_during_feature_extraction_caches_nothing(cifar_val_root, tmp_pa
     out = tmp_path / "eval"
     argv = [
         "features", "--random-init", "--backbone", "resnet18", "--data", str(cifar_val_root),
-        "--split", "val", "--workers", "2", "--batch-size", "16", "--out", str(out),
+        "--split", "val", "--per-class", "60", "--workers", "2", "--batch-size", "16", "--out", str(out),
         "--device", "cpu", "model.kwargs={channels: [8, 16, 32, 64]}", "data.image_size=16",
     ]  # fmt: skip
     log = tmp_path / "features.log"
@@ -116,4 +120,4 @@ def test_sigterm_during_feature_extraction_caches_nothing(cifar_val_root, tmp_pa
     proc = loco(argv, log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     meta = json.loads((cache / "meta.json").read_text())
-    assert meta["n"] == 10000 and sorted(meta["stages"]) == ["1", "2", "3", "4"]
+    assert meta["n"] == 600 and sorted(meta["stages"]) == ["1", "2", "3", "4"]
