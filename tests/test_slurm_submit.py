@@ -413,6 +413,14 @@ def jobs(cluster, cifar_val_root, tmp_path_factory):
         "--max-requeues", "1", *tiny(root, base / "timeout", "optim.max_steps=100000"),
     )  # fmt: skip
     run(
+        "requeued", "pretrain", "--profile", "local",
+        *tiny(root, base / "requeued", f"optim.max_steps={STEPS}", "data.num_workers=2"),
+    )  # fmt: skip
+    run(
+        "failing", "pretrain", "--profile", "local", "--tasks-per-node", "1",
+        *tiny(root, base / "failing", "optim.max_steps=2", f"data.root={base / 'no-data'}"),
+    )  # fmt: skip
+    run(
         "sweep", "pretrain", "--profile", "local", "--tasks-per-node", "1",
         "--sweep", "optim.base_lr=0.1,0.3", *tiny(root, base / "sweep", "optim.max_steps=2"),
     )  # fmt: skip
@@ -443,17 +451,36 @@ def _log(run_dir: Path) -> str:
     return "".join(p.read_text() for p in sorted((run_dir / "slurm").rglob("*_log.*")))
 
 
-@pytest.mark.slurm
-def test_preempted_job_requeues_and_resumes_without_repeating_steps(jobs):
+def _running(run_dir: Path) -> None:
+    deadline = time.monotonic() + 120
+    while len(metric_steps(run_dir)) < 3:  # training is under way
+        assert time.monotonic() < deadline, f"no training steps logged in {run_dir}"
+        time.sleep(0.2)
+    assert len(metric_steps(run_dir)) < STEPS, f"{run_dir} finished before its interruption"
+
+
+@pytest.fixture(scope="module")
+def interrupted(jobs) -> str:
+    """Interrupt the "preempted" and "requeued" jobs while they train; returns what `loco jobs`
+    printed for the requeued one right after `scontrol requeue`."""
     import submitit
 
     run_dir, job_id = jobs["preempted"]
-    deadline = time.monotonic() + 120
-    while len(metric_steps(run_dir)) < 3:  # training is under way
-        assert time.monotonic() < deadline, "no training steps logged"
-        time.sleep(0.2)
-    assert len(metric_steps(run_dir)) < STEPS, "finished before it could be interrupted"
+    _running(run_dir)
     submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id)._interrupt()  # SIGTERM, USR2
+    # `scontrol requeue` sends SIGTERM to every process of the step, data workers included
+    run_dir, job_id = jobs["requeued"]
+    _running(run_dir)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["jobs", str(run_dir)]) == 0
+    return text.getvalue()
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_and_resumes_without_repeating_steps(jobs, interrupted):
+    run_dir, job_id = jobs["preempted"]
     state = _wait(job_id, run_dir, lambda s: _finished(s) and s["runs"] >= 2)
     log = _log(run_dir)
     assert state["state"] == "COMPLETED", log[-3000:]
@@ -461,6 +488,55 @@ def test_preempted_job_requeues_and_resumes_without_repeating_steps(jobs):
     assert "stopped by SIG" in log and "resumed from" in log
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))  # each step exactly once
     assert ckpt.load(run_dir / "checkpoint.pt")["step"] == STEPS
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_with_workers_resumes_exactly(jobs, interrupted):
+    run_dir, job_id = jobs["requeued"]
+    row = next(ln for ln in interrupted.splitlines() if ln.startswith(job_id))
+    assert row.split()[2] == "1", interrupted  # the requeue count is current right away
+    state = _wait(job_id, run_dir, lambda s: _finished(s) and s["runs"] >= 2)
+    log = _log(run_dir)
+    assert state["state"] == "COMPLETED", log[-3000:]
+    assert "stopped by SIGTERM" in log and "resumed from" in log, log[-3000:]
+    assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))  # each step once
+    ref_dir, ref_id = jobs["reference"]  # 2 ranks, no workers: the same samples
+    _wait(ref_id, ref_dir, _finished)
+    a = ckpt.load(ref_dir / "checkpoint.pt")["method"]
+    b = ckpt.load(run_dir / "checkpoint.pt")["method"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slurm
+def test_error_inside_a_job_is_one_line_and_shown_by_jobs(jobs, capsys):
+    run_dir, job_id = jobs["failing"]
+    state = _wait(job_id, run_dir, _finished)
+    log = _log(run_dir)
+    assert state["state"] == "FAILED", log[-3000:]
+    errors = [ln for ln in log.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "no-data" in errors[0], log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert main(["jobs", str(run_dir), "-n", "1"]) == 0
+    assert f"{job_id} failed with: {errors[0]}" in capsys.readouterr().out
+
+
+@pytest.mark.slurm
+def test_refused_submit_is_one_line_and_leaves_nothing(cluster, tmp_path, capsys):
+    for flag, value, said in (
+        (
+            "--partition",
+            "nope",
+            "partition 'nope' does not exist on this cluster; partitions: debug",
+        ),
+        ("--gpus-per-node", "1", "sbatch refused the job: sbatch: error: Invalid generic resource"),
+    ):  # the first is our check on the login node, the second sbatch's own refusal
+        out = tmp_path / "run"
+        argv = ["submit", "pretrain", "--profile", "local", flag, value, f"train.output_dir={out}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and said in err and "\n" not in err, err
+        assert not out.exists()
 
 
 @pytest.mark.slurm

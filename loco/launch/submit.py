@@ -16,6 +16,7 @@ in ``RUN_DIR/slurm/jobs.jsonl``, where ``loco jobs RUN_DIR`` finds them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -27,7 +28,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -493,6 +496,24 @@ def check_cluster(opts: SlurmOptions) -> None:
             )
 
 
+@contextlib.contextmanager
+def _sbatch_stderr() -> Iterator[list[str]]:
+    """Hold what sbatch writes to stderr (submitit lets it through): a refusal then reads as
+    one line of ours, not sbatch's lines plus ours. The lines are yielded for that message."""
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            said += held.read().splitlines()
+
+
 def _first_missing(path: Path) -> Path | None:
     """The outermost of ``path`` and its parents that does not exist yet (to undo a mkdir)."""
     missing = None
@@ -615,16 +636,20 @@ def run(args: argparse.Namespace) -> int:
     new_dirs = {d for d in (_first_missing(base), _first_missing(folder)) if d is not None}
     base.mkdir(parents=True, exist_ok=True)
     try:
-        submitted = [executor.submit(jobs[0])] if array == 1 else executor.submit_array(jobs)
+        with _sbatch_stderr() as said:
+            submitted = [executor.submit(jobs[0])] if array == 1 else executor.submit_array(jobs)
     except Exception as exc:  # sbatch refused: partition, account, limits...
         for d in new_dirs:  # a refused submit leaves nothing behind
             shutil.rmtree(d, ignore_errors=True)
+        text = "\n".join([*said, str(exc)])
         lines = (
-            [ln for ln in str(exc).splitlines() if "error" in ln.lower()]
-            or str(exc).splitlines()
+            [ln for ln in text.splitlines() if "error" in ln.lower()]
+            or text.splitlines()
             or [repr(exc)]
         )
         raise LocoError(f"sbatch refused the job: {lines[-1].strip()}") from None
+    for line in said:  # accepted, with warnings: show them
+        print(line, file=sys.stderr)
     now = datetime.datetime.now().isoformat(timespec="seconds")
     rows = []
     for job, task in zip(submitted, tasks):
