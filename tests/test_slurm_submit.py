@@ -452,7 +452,7 @@ def _log(run_dir: Path) -> str:
 
 
 def _running(run_dir: Path) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded machine takes minutes to start 8 ranks
     while len(metric_steps(run_dir)) < 3:  # training is under way
         assert time.monotonic() < deadline, f"no training steps logged in {run_dir}"
         time.sleep(0.2)

@@ -22,9 +22,10 @@ Stopping a job without losing or repeating a step:
 A stop by SIGTERM alone (``scancel``, ``scontrol requeue``, or a preemption that Slurm
 requeues by itself) saves the same way and exits without requeueing; when Slurm restarts the
 job (``SLURM_RESTART_COUNT``), it resumes all the same. Eval and transfer jobs run
-``loco.cli.main([...])``; USR2 outside a stoppable loop requeues them at once with the same
-command line. A :class:`~loco.errors.LocoError` ends the job with one ``error: ...`` line in
-its log, as on the command line, which ``loco jobs`` shows.
+``loco.cli.main([...])``. USR2 outside a stoppable loop (imports, model building, a probe on
+cached features) requeues at once: nothing of this run needs saving. A
+:class:`~loco.errors.LocoError` ends the job with one ``error: ...`` line in its log, as on
+the command line, which ``loco jobs`` shows.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ class LocoJob(Checkpointable):
     def _on_usr2(self, signum: int, frame: Any) -> None:
         self._usr2 = True
         handler = getattr(self, "_submitit_handler", None)
-        if self.command != "pretrain" and not stop.listening() and callable(handler):
-            # eval/transfer outside a stoppable loop (e.g. a probe on cached features): requeue
-            # now; the rerun reuses the completed feature caches
+        if not stop.listening() and callable(handler):
+            # outside a stoppable loop (starting up, or a probe on cached features): nothing
+            # of this run to save; requeue now (a pretraining resumes from its checkpoint, an
+            # eval reuses its completed feature caches)
             log.warning("SIGUSR2 (time limit near, preemption, or `scancel -s USR2`): requeueing")
             handler(signum, frame)
             return

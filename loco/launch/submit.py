@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import io
 import itertools
 import json
 import math
@@ -503,7 +504,8 @@ def _sbatch_stderr() -> Iterator[list[str]]:
     said: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as held:
+    copied = io.StringIO()  # submitit copies the command's stderr to sys.stderr
+    with tempfile.TemporaryFile(mode="w+") as held, contextlib.redirect_stderr(copied):
         os.dup2(held.fileno(), 2)
         try:
             yield said
@@ -511,7 +513,7 @@ def _sbatch_stderr() -> Iterator[list[str]]:
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            said += held.read().splitlines()
+            said += held.read().splitlines() + copied.getvalue().splitlines()
 
 
 def _first_missing(path: Path) -> Path | None:
