@@ -429,7 +429,7 @@ def jobs(cluster, cifar_val_root, tmp_path_factory):
     subprocess.run(["scancel", *ids], capture_output=True)
 
 
-def _wait(job_id: str, run_dir: Path, done, timeout_s: float = 150) -> dict:
+def _wait(job_id: str, run_dir: Path, done, timeout_s: float = 400) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         state = (sacct_states([job_id]) or {}).get(job_id)
