@@ -36,7 +36,6 @@ import shlex
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import submitit
@@ -44,6 +43,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from loco import stop
 from loco.errors import LocoError
+from loco.rundir import RunDir
 
 log = logging.getLogger("loco.launch")
 
@@ -146,9 +146,10 @@ class LocoJob(Checkpointable):
 
         cfg = config_from_dict(self.config)
         resuming = self.resume or restart_count() > 0
-        if resuming and (Path(cfg.train.output_dir) / "checkpoint.pt").is_file():
-            cfg.train.resume = "auto"
-            log.info("requeued run: resuming from %s/checkpoint.pt", cfg.train.output_dir)
+        latest = RunDir(cfg.train.output_dir).checkpoint
+        if resuming and latest.is_file() and cfg.train.resume != "extend":
+            cfg.train.resume = "auto"  # (extend: its first save may not have happened yet)
+            log.info("requeued run: resuming from %s", latest)
         train.pretrain(cfg)
         return 0
 

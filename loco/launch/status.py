@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from loco.errors import LocoError
+from loco.rundir import RunDir
 
-JOBS_FILE = Path("slurm") / "jobs.jsonl"
 DONE = (
     "COMPLETED",
     "FAILED",
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / JOBS_FILE
+    path = RunDir(run_dir).jobs
     if not path.is_file():
         raise LocoError(
             f"no Slurm jobs recorded in {run_dir} ({path} is missing); submit with `loco submit`"
@@ -165,7 +165,7 @@ def _array_ids(jid: str) -> list[str]:
 
 def last_step(run_dir: Path) -> dict[str, Any] | None:
     """The last line of ``metrics.jsonl`` (read from the end: the file can be large)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
     with open(path, "rb") as f:
@@ -201,7 +201,8 @@ def _progress(row: dict[str, Any] | None) -> str:
 def find_runs(root: Path) -> list[Path]:
     """Run dirs under ``root`` with recorded jobs (a sweep's tasks are listed by the sweep)."""
     runs: list[Path] = []
-    for path in sorted(root.rglob(str(JOBS_FILE))):
+    jobs = RunDir(root).jobs.relative_to(root)  # slurm/jobs.jsonl
+    for path in sorted(root.rglob(str(jobs))):
         run = path.parent.parent
         if not any(parent in runs for parent in run.parents):
             runs.append(run)
@@ -240,11 +241,11 @@ def _print_table(table: list[tuple[str, ...]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    if not (run_dir / JOBS_FILE).is_file() and run_dir.is_dir():
+    if not RunDir(run_dir).jobs.is_file() and run_dir.is_dir():
         return list_runs(run_dir)
     records = read_records(run_dir)
     if not records:
-        raise LocoError(f"{run_dir / JOBS_FILE} lists no jobs")
+        raise LocoError(f"{RunDir(run_dir).jobs} lists no jobs")
     states = job_states(list(dict.fromkeys(r["job_id"] for r in records)))
     if states is None:
         print("(no job states: sacct is missing or cannot reach Slurm's accounting)")

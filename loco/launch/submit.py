@@ -40,6 +40,7 @@ import yaml
 
 from loco.config import _coerce, _suggest, read_yaml
 from loco.errors import LocoError
+from loco.rundir import RunDir, preflight
 
 JOBS = ("pretrain", "eval", "transfer")
 PROFILE_ENV = "LOCO_SLURM_PROFILE"
@@ -376,8 +377,8 @@ def _output_dir(job: str, ns: argparse.Namespace) -> Path | None:
     for dest in ("out", "output_dir", "output"):
         if getattr(ns, dest, None):
             return Path(getattr(ns, dest))
-    if getattr(ns, "checkpoint", None):  # eval writes next to the checkpoint by default
-        return Path(ns.checkpoint).parent
+    if getattr(ns, "checkpoint", None):  # eval writes into the checkpoint's run by default
+        return RunDir.from_checkpoint(ns.checkpoint).root
     return None
 
 
@@ -418,12 +419,6 @@ def build_tasks(job: str, argv: list[str], points: list[dict[str, str]]) -> tupl
 
 
 # -- checks on the login node, before anything is queued -------------------------------------
-try:  # the run directory's owner: accepts this config, not locked by a live run
-    from loco.rundir import preflight as rundir_preflight
-except ImportError:  # pragma: no cover - until loco/rundir.py lands
-    rundir_preflight = None
-
-
 def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict[str, Any]:
     """The checkpoint's dict, memory-mapped (reads its header, not gigabytes of weights)."""
     import torch
@@ -441,17 +436,13 @@ def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict[str, A
     return obj
 
 
-def check_job(job: str, tasks: list[Task]) -> None:
+def check_job(job: str, tasks: list[Task], world_size: int) -> None:
     """What would otherwise fail on the node: the checkpoint, the config, the run dir."""
     from loco.config import config_from_dict
 
     if job == "pretrain":
-        for t in tasks:
-            cfg = config_from_dict(t.config or {})
-            if cfg.train.resume not in ("auto", "none"):
-                read_checkpoint(cfg.train.resume, "train.resume")
-            if rundir_preflight is not None:
-                rundir_preflight(cfg)
+        for t in tasks:  # run lock and resume rules: the checks the run makes at its start
+            preflight(config_from_dict(t.config or {}), world_size)
         return
     ns = _parse_job(job, tasks[0].argv)
     for flag in ("checkpoint", "weights"):
@@ -621,8 +612,8 @@ def run(args: argparse.Namespace) -> int:
     base, tasks = build_tasks(args.job, argv, points)
     array = len(tasks) if points != [{}] else 1
     job_name = opts.job_name or f"loco-{args.job}-{base.name}"[:64]
-    folder = Path(opts.folder).expanduser().resolve() if opts.folder else base / "slurm" / "%j"
-    check_job(args.job, tasks)
+    folder = Path(opts.folder).expanduser().resolve() if opts.folder else RunDir(base).slurm / "%j"
+    check_job(args.job, tasks, opts.nodes * opts.tasks())
     check_cluster(opts)
     params = sbatch_parameters(opts, job_name, array)
     executor = make_executor(folder, opts, params, render_only=args.dry_run)
@@ -672,10 +663,10 @@ def run(args: argparse.Namespace) -> int:
                 "sweep": task.point,
             }
         )
-    _record(base / "slurm" / "jobs.jsonl", rows)
+    _record(RunDir(base).jobs, rows)
     if array > 1:
         for row in rows:
-            _record(Path(row["run_dir"]) / "slurm" / "jobs.jsonl", [row])
+            _record(RunDir(row["run_dir"]).jobs, [row])
     _print_submitted(args.job, opts, rows, base, array)
     return 0
 
