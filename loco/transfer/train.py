@@ -245,7 +245,7 @@ class LocoTrainer(DefaultTrainer):
         loader = super().build_train_loader(cfg)
         inner = loader  # Detectron2 wraps the DataLoader (aspect-ratio grouping)
         while inner is not None and not isinstance(inner, torch.utils.data.DataLoader):
-            inner = getattr(inner, "dataset", None) or getattr(inner, "_dataset", None)
+            inner = getattr(inner, "dataset", getattr(inner, "_dataset", None))  # no len()
         if inner is not None:  # set before its first iteration starts the workers
             inner.worker_init_fn = worker_init(inner.worker_init_fn)
         return loader
