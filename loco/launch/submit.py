@@ -445,15 +445,17 @@ def check_job(job: str, tasks: list[Task], world_size: int) -> None:
             preflight(config_from_dict(t.config or {}), world_size)
         return
     ns = _parse_job(job, tasks[0].argv)
-    for flag in ("checkpoint", "weights"):
-        if getattr(ns, flag, None):
-            state = read_checkpoint(getattr(ns, flag), f"--{flag}")
-            if job == "eval" and flag == "checkpoint" and isinstance(state.get("config"), dict):
-                from loco.eval.features import apply_overrides
+    weights = getattr(ns, "weights", None)  # Detectron2's .pth/.pkl: its own formats
+    if weights and not Path(weights).is_file():
+        raise LocoError(f"--weights {weights}: no such file")
+    if getattr(ns, "checkpoint", None):
+        state = read_checkpoint(ns.checkpoint)
+        if job == "eval" and isinstance(state.get("config"), dict):
+            from loco.eval.features import apply_overrides
 
-                for t in tasks:  # the checkpoint's config with each task's overrides
-                    overrides = getattr(_parse_job(job, t.argv), "overrides", None) or []
-                    apply_overrides(config_from_dict(state["config"]), overrides)
+            for t in tasks:  # the checkpoint's config with each task's overrides
+                overrides = getattr(_parse_job(job, t.argv), "overrides", None) or []
+                apply_overrides(config_from_dict(state["config"]), overrides)
 
 
 def _slurm_says(cmd: list[str]) -> subprocess.CompletedProcess | None:
