@@ -211,6 +211,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except LocoError:
                 continue
         raise LocoError(f"{where}: {value!r} does not match {tp}")
+    if tp is type(None):  # the None of `int | None`: not a catch-all
+        if value is None:
+            return None
+        raise LocoError(f"{where}: expected null, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

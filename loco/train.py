@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
 from loco.rundir import RunDir, git_revision
 from loco.runlock import RunLock
+from loco.stop import StopFlag, request_stop
 
 log = logging.getLogger("loco.train")
 
@@ -102,46 +102,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class StopFlag:
-    """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop saves a checkpoint after the current step."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-# -- hook for loco.launch.job (Slurm through submitit) ----------------------------------------
-# Slurm warns a job before its time limit or a preemption with USR2. submitit's own handler
-# would checkpoint in the middle of a step; loco.launch.job routes the signal here instead.
-# The loop then finishes the current optimizer step, saves a checkpoint at that step and
-# raises SystemExit, exactly as on SIGTERM, and the job requeues itself with resume=auto.
-# A request made before the loop starts takes effect after its first step.
-_stop_request: str | None = None
-
-
-def request_stop(reason: str | None) -> None:
-    """Ask the training loop of this process to checkpoint and stop after the current step."""
-    global _stop_request
-    _stop_request = reason
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -473,9 +433,9 @@ class Pretrainer:
                 ):
                     self.save()
                     last_saved = self.step
-                # a signal or request_stop() (launcher hook); all ranks agree, so that they
-                # save and stop at the same step
-                stopped = stop.requested or _stop_request
+                # a signal or request_stop() (loco.stop; the Slurm entry point's USR2); all
+                # ranks agree, so that they save and stop at the same step
+                stopped = stop.reason()
                 if any_rank(bool(stopped)):
                     stopped = stopped or "a signal on another rank"
                 if stopped or self.step >= self.total_steps:

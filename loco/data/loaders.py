@@ -4,6 +4,7 @@ Reproducibility does not depend on worker processes: :class:`EpochSampler` draws
 ``(seed, epoch)`` alone, both the order and one augmentation seed per sample, and
 :class:`DatasetView` seeds torch's CPU generator with it around each sample. A run resumed
 at step k of an epoch, or run with a different ``num_workers``, sees the same pixels.
+Workers ignore the stop signals (:mod:`loco.stop`): the main process decides when to stop.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from loco.data.gpu_augment import BatchedSimCLR
 from loco.data.jpeg_loader import TensorPipelineLoader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
+from loco.stop import worker_init
 
 
 class DatasetView(FolderSubset):
@@ -151,6 +153,7 @@ def build_pretrain_loader(
         drop_last=True,
         persistent_workers=data.num_workers > 0,
         generator=generator,
+        worker_init_fn=worker_init(),  # workers outlive a stop signal: the step ends, saved
     )
 
 
@@ -197,4 +200,5 @@ def build_eval_loader(
         num_workers=data.num_workers,
         collate_fn=SkipUnreadable(base.skipped, (3, size, size)),
         pin_memory=_pin(cfg),
+        worker_init_fn=worker_init(),
     )

@@ -11,6 +11,7 @@ rows; matplotlib, Agg backend: no display needed).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Rows of every run, each tagged with ``run`` (its directory name)."""
+    """Rows of every run, each tagged with ``run`` (its directory name).
+
+    Folders without a ``results.json`` (a sweep's ``slurm/`` matched by ``SWEEP/*/``, a task
+    not evaluated yet) are skipped with one note; an error only when no run is left."""
+    skipped = [str(r) for r in runs if Path(r).is_dir() and not RunDir(r).results.is_file()]
+    if skipped:
+        print(
+            f"note: skipped {len(skipped)} folder(s) without results.json: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
+        if len(skipped) == len(runs):
+            raise LocoError(f"no results.json in {', '.join(skipped)}; run `loco eval` first")
     rows = []
-    for run in runs:
+    for run in (r for r in runs if str(r) not in skipped):
         path = Path(run)
         label = path.parent.name if path == RunDir(path.parent).results else path.name
         for r in read_results(path):
