@@ -157,7 +157,7 @@ def test_plain_state_dicts_random_init_and_mismatch(tiny_folder_root, tmp_path):
         extract_features(cfg, backbone, "val", "5", tmp_path, progress=False)
 
 
-def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys):
+def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys, caplog):
     from loco.eval import evaluate_run
 
     cfg = load_config(None, overrides(tiny_folder_root, run_dir))
@@ -206,8 +206,21 @@ def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys
     assert "knn-instdisc-custom" in capsys.readouterr().out
     saved = json.loads((run_dir / "results.json").read_text())
     assert len(saved) == len(rows) + 1
-    assert main(["eval", "knn", "--checkpoint", ckpt, "--stages", "4", "--no-progress"]) == 2
-    assert "exceeds the 40 training features" in capsys.readouterr().err
+    # one policy for k > the training set, in `loco eval` as in evaluate_run: skip that k,
+    # one warning line naming it (not one per stage); no k left is an error
+    caplog.clear()
+    assert main(["eval", "knn", "--checkpoint", ckpt, "--stages", "3,4", "--no-progress"]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert skipped == ["kNN knn-dino: skipping k=100,200 (only 40 training images)"]
+    table_out = capsys.readouterr().out
+    assert "| S4 | knn-dino | k=20 |" in table_out and "k=100" not in table_out
+    assert (
+        main(
+            ["eval", "knn", "--checkpoint", ckpt, "--k", "50,60", "--stages", "4", "--no-progress"]
+        )
+        == 2
+    )
+    assert "every k (50,60) exceeds the 40 training images" in capsys.readouterr().err
 
     assert (
         main(
@@ -228,3 +241,19 @@ def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys
     table = md.read_text()
     assert "| knn-dino | k=20 |" in table and "random-init" in table and "linear-cached" in table
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_augmented_probe_takes_one_lr_everywhere(run_dir, capsys):
+    """Several lrs for the augmented probe: the same one-line error from evaluate_run and
+    from `loco eval`, before any weights are read (the old evaluate_run took lrs[0])."""
+    from loco.eval import evaluate_run
+
+    with pytest.raises(LocoError, match=r"trains one lr, got 2 \(0.1,1\)"):
+        evaluate_run(
+            None, run_dir / "checkpoint.pt", knn=False, linear_protocol="augmented", lrs=[0.1, 1]
+        )
+    ckpt = str(run_dir / "checkpoint.pt")
+    argv = ["eval", "linear", "--checkpoint", ckpt, "--protocol", "augmented", "--lrs", "0.1,1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trains one lr, got 2 (0.1,1)" in err

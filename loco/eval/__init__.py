@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "evaluate_run": "loco.eval.cli",
+    "EvalOptions": "loco.eval.evaluate",
+    "evaluate_run": "loco.eval.evaluate",
     "FeatureSet": "loco.eval.features",
     "Source": "loco.eval.features",
     "extract_features": "loco.eval.features",

@@ -66,10 +66,13 @@ class Source:
     @property
     def run_dir(self) -> Path | None:
         """The run directory of a loco checkpoint (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
-        if self.path is None:
-            return None
-        parent = Path(self.path).resolve().parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        return None if self.path is None else run_dir_of(self.path)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run directory of a checkpoint file (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
+    parent = Path(checkpoint).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
@@ -493,7 +496,8 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, Source]:
+def config_from_args(args: argparse.Namespace) -> tuple[Config | None, list[str]]:
+    """The ``--config`` file (or None) and the overrides ``--data``/``--workers`` add."""
     overrides = list(args.overrides or [])
     if args.data:
         overrides = [f"data.root={args.data}", "data.dataset=folder", *overrides]
@@ -504,6 +508,11 @@ def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, 
         from loco.config import load_config
 
         cfg = load_config(args.config)
+    return cfg, overrides
+
+
+def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, Source]:
+    cfg, overrides = config_from_args(args)
     return load_backbone(
         args.checkpoint,
         cfg=cfg,
@@ -515,11 +524,12 @@ def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, 
     )
 
 
-def default_out_dir(source: Source, out: str | None) -> Path:
+def default_out_dir(checkpoint: str | Path | None, out: str | Path | None) -> Path:
+    """Where results and the feature cache go: ``out``, else the checkpoint's run directory."""
     if out:
         return Path(out)
-    if source.run_dir is not None:
-        return source.run_dir
+    if checkpoint:
+        return run_dir_of(checkpoint)
     raise LocoError(
         "--random-init without --checkpoint needs --out DIR for its results and features"
     )
@@ -544,7 +554,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg, backbone, source = source_from_args(args)
     cache = (
-        Path(args.cache_dir) if args.cache_dir else default_out_dir(source, args.out) / "features"
+        Path(args.cache_dir)
+        if args.cache_dir
+        else default_out_dir(source.path, args.out) / "features"
     )
     sets = extract_features(
         cfg,
