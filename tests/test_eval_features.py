@@ -55,14 +55,14 @@ def run_dir(tiny_folder_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_features_match_a_direct_forward_pass_and_are_reused(run_dir, tmp_path, monkeypatch):
     cfg, backbone, source = load_backbone(run_dir / "checkpoint.pt")
     assert (source.method, source.step) == ("loco", 2)
-    assert source.run_dir == run_dir.resolve()
+    assert feat_mod.run_dir_of(source.path) == run_dir.resolve()
     sets = extract_features(
-        cfg, backbone, "val", "1,2,3,4", tmp_path, weights_id=source.checkpoint, progress=False
+        cfg, backbone, "val", "1,2,3,4", tmp_path, weights_id=source.weights_id, progress=False
     )
     assert sorted(sets) == [1, 2, 3, 4] and not any(fs.cached for fs in sets.values())
     folder = sets[1].path.parent
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["checkpoint"] == source.checkpoint and meta["n"] == 20
+    assert meta["checkpoint"] == source.weights_id and meta["n"] == 20
     assert meta["transform"] == {
         "resize": 32,
         "center_crop": 32,
@@ -92,7 +92,7 @@ def test_features_match_a_direct_forward_pass_and_are_reused(run_dir, tmp_path, 
 
     monkeypatch.setattr(feat_mod, "_extract", boom)
     again = extract_features(
-        cfg, backbone, "val", [2, 4], tmp_path, weights_id=source.checkpoint, progress=False
+        cfg, backbone, "val", [2, 4], tmp_path, weights_id=source.weights_id, progress=False
     )
     assert all(fs.cached for fs in again.values())
     assert {s: os.stat(fs.path).st_mtime_ns for s, fs in again.items()} == {
@@ -105,7 +105,7 @@ def test_changed_checkpoint_invalidates_cache(run_dir, tmp_path):
     ckpt_path = run_dir / "checkpoint.pt"
     cfg, backbone, source = load_backbone(ckpt_path)
     first = extract_features(
-        cfg, backbone, "val", "last", tmp_path, weights_id=source.checkpoint, progress=False
+        cfg, backbone, "val", "last", tmp_path, weights_id=source.weights_id, progress=False
     )
 
     state = torch.load(ckpt_path, weights_only=True)
@@ -113,9 +113,9 @@ def test_changed_checkpoint_invalidates_cache(run_dir, tmp_path):
     changed = tmp_path / "changed.pt"
     torch.save(state, changed)
     cfg2, backbone2, source2 = load_backbone(changed)
-    assert source2.checkpoint != source.checkpoint
+    assert source2.weights_id != source.weights_id
     second = extract_features(
-        cfg2, backbone2, "val", "last", tmp_path, weights_id=source2.checkpoint, progress=False
+        cfg2, backbone2, "val", "last", tmp_path, weights_id=source2.weights_id, progress=False
     )
     assert not second[4].cached
     assert second[4].path.parent != first[4].path.parent
@@ -144,7 +144,7 @@ def test_plain_state_dicts_random_init_and_mismatch(tiny_folder_root, tmp_path):
     _, b, _ = load_backbone(None, overrides=over, random_init=True, seed=3)
     _, c, _ = load_backbone(None, overrides=over, random_init=True, seed=4)
     assert state_hash(a) == state_hash(b) != state_hash(c)
-    assert (src_a.method, src_a.checkpoint) == ("random-init", "random-init-seed3")
+    assert (src_a.method, src_a.weights_id) == ("random-init", "random-init-seed3")
     with pytest.raises(LocoError, match="--checkpoint PATH or --random-init"):
         load_backbone(None, overrides=over)
 

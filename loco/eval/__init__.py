@@ -15,7 +15,6 @@ _EXPORTS = {
     "EvalOptions": "loco.eval.evaluate",
     "evaluate_run": "loco.eval.evaluate",
     "FeatureSet": "loco.eval.features",
-    "Source": "loco.eval.features",
     "extract_features": "loco.eval.features",
     "load_backbone": "loco.eval.features",
     "FeatureBank": "loco.eval.knn",

@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         backbone_name=args.backbone,
         random_init=args.random_init,
         method_name=args.name,
+        prefix=args.prefix,
     )
     print(format_table(rows))
     print(f"\nresults: {out_dir / RESULTS}")

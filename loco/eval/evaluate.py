@@ -29,7 +29,6 @@ from loco.config import Config
 from loco.errors import LocoError
 from loco.eval.features import (
     FeatureSet,
-    Source,
     dataset_name,
     default_out_dir,
     feature_sets,
@@ -39,6 +38,7 @@ from loco.eval.features import (
 from loco.eval.knn import FeatureBank, get_protocol, knn_evaluate
 from loco.eval.linear import LinearResult, linear_probe_augmented, linear_probe_cached, preset_for
 from loco.eval.results import make_row, write_results
+from loco.weights import WeightsSource
 
 log = logging.getLogger("loco.eval")
 
@@ -88,12 +88,12 @@ class EvalOptions:
             )
 
 
-def _base_row(cfg: Config, source: Source) -> dict[str, Any]:
+def _base_row(cfg: Config, source: WeightsSource) -> dict[str, Any]:
     return {
         "method": source.method,
         "backbone": cfg.model.backbone,
         "dataset": dataset_name(cfg),
-        "checkpoint": source.checkpoint,
+        "checkpoint": source.weights_id,
         "step": source.step,
         "image_size": cfg.data.image_size,
     }
@@ -131,7 +131,7 @@ def fitting_protocols(
 
 def knn_rows(
     cfg: Config,
-    source: Source,
+    source: WeightsSource,
     train: Mapping[int, FeatureSet],
     val: Mapping[int, FeatureSet],
     opts: EvalOptions,
@@ -180,7 +180,7 @@ def knn_rows(
 
 
 def linear_rows(
-    cfg: Config, source: Source, results: Sequence[LinearResult]
+    cfg: Config, source: WeightsSource, results: Sequence[LinearResult]
 ) -> list[dict[str, Any]]:
     rows = []
     for r in results:
@@ -213,6 +213,7 @@ def evaluate_run(
     backbone_name: str | None = None,
     random_init: bool | None = None,
     method_name: str | None = None,
+    prefix: str | None = None,
     **fields: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate one network per stage; merge the rows into ``out_dir/results.json``; return them.
@@ -221,7 +222,8 @@ def evaluate_run(
     runs; see :class:`EvalOptions`. A loco checkpoint brings its own architecture (its
     ``model`` section; ``cfg`` then supplies the data settings, ``overrides`` change
     either). ``checkpoint_path=None`` or ``random_init=True`` evaluates the seeded random
-    initialisation of the architecture: the floor. ``out_dir`` defaults to the
+    initialisation of the architecture: the floor. Other toolkits' checkpoints are read by
+    :func:`loco.weights.read_weights` (``prefix`` picks the backbone). ``out_dir`` defaults to the
     checkpoint's run directory; features are cached in ``options.cache_dir`` (default
     ``out_dir/features``).
     """
@@ -238,6 +240,7 @@ def evaluate_run(
         random_init=checkpoint_path is None if random_init is None else random_init,
         seed=seed,
         method_name=method_name,
+        prefix=prefix,
     )
     out = default_out_dir(source.path, out_dir)
     cache = Path(opts.cache_dir) if opts.cache_dir else out / "features"

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from loco import checkpoint as ckpt
 from loco.config import Config, _merge, _parse_override, config_from_dict
 from loco.data.augment import eval_resize_size
 from loco.data.loaders import build_eval_loader
@@ -47,6 +46,7 @@ from loco.errors import LocoError
 from loco.filelock import locked
 from loco.models.backbone import StagedBackbone, build_backbone
 from loco.models.heads import pool
+from loco.weights import WeightsSource, load_into, read_weights
 
 log = logging.getLogger("loco.eval.features")
 
@@ -54,21 +54,6 @@ CACHE_VERSION = 1
 
 
 # -- where the weights come from ---------------------------------------------------------
-@dataclass
-class Source:
-    """The weights under evaluation, as results name them."""
-
-    method: str  # pretraining method, "random-init", or a label for an external state dict
-    checkpoint: str  # checkpoint file hash, or "random-init-seed<n>"
-    path: str | None = None  # the checkpoint file, when there is one
-    step: int | None = None  # pretraining step of a loco checkpoint
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The run directory of a loco checkpoint (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
-        return None if self.path is None else run_dir_of(self.path)
-
-
 def run_dir_of(checkpoint: str | Path) -> Path:
     """The run directory of a checkpoint file (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
     parent = Path(checkpoint).resolve().parent
@@ -101,62 +86,34 @@ def load_backbone(
     random_init: bool = False,
     seed: int = 0,
     method_name: str | None = None,
-) -> tuple[Config, StagedBackbone, Source]:
+    prefix: str | None = None,
+) -> tuple[Config, StagedBackbone, WeightsSource]:
     """Build the staged backbone to evaluate and the config it was made with.
 
-    * loco checkpoint: its saved config (the ``model`` section always; ``data`` and the
-      rest unless ``cfg`` is given), then ``overrides``; weights from its ``backbone``.
-    * plain timm/torchvision state dict: architecture from ``backbone_name`` (or
-      ``cfg.model``); missing/unexpected keys raise one error listing them.
-    * ``random_init``: the same architecture with weights seeded by ``seed``.
+    The weights come from :func:`loco.weights.read_weights`. A loco checkpoint's saved
+    config gives the ``model`` section always (and the rest unless ``cfg`` is given); a
+    plain state dict takes the architecture from ``backbone_name`` (or ``cfg.model``);
+    ``overrides`` apply last. ``random_init``: the same architecture, seeded by ``seed``.
     """
-    state: dict[str, Any] | None = None
-    base = cfg
-    method, step = method_name, None
-    if checkpoint is not None:
-        state = ckpt.load(checkpoint)
-        saved = state.get("config")
-        if isinstance(saved, dict) and "backbone" in state:  # a loco checkpoint
-            try:
-                saved_cfg = config_from_dict(saved)
-            except LocoError as exc:
-                raise LocoError(
-                    f"checkpoint '{checkpoint}' holds a config this loco cannot read: {exc}"
-                ) from None
-            if base is None:
-                base = saved_cfg
-            else:
-                base = config_from_dict({**base.to_dict(), "model": saved_cfg.to_dict()["model"]})
-            meta = state.get("meta") or {}
-            method = method or str(meta.get("method") or saved_cfg.method.name)
-            step = int(state["step"]) if isinstance(state.get("step"), int) else None
-        elif backbone_name is None and cfg is None:
-            raise LocoError(
-                f"'{checkpoint}' is a plain state dict without a loco config; pass --backbone NAME "
-                "(the timm model it was trained as, e.g. resnet50) and the image size, e.g. data.image_size=224"
-            )
-        else:
-            method = method or Path(checkpoint).stem
-    elif not random_init:
-        raise LocoError("nothing to evaluate: pass --checkpoint PATH or --random-init")
+    source = read_weights(
+        checkpoint, random_init=random_init, seed=seed, method=method_name, prefix=prefix
+    )
+    if source.config is None:
+        base = cfg
+    elif cfg is None:
+        base = source.config
+    else:
+        base = config_from_dict({**cfg.to_dict(), "model": source.config.to_dict()["model"]})
     cfg = apply_overrides(base or Config(), overrides)
     if backbone_name:
         cfg.model.backbone = backbone_name
+    if source.config is None and source.path and not (backbone_name or base):
+        source.model_config(None)  # raises: a plain state dict needs --backbone
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = build_backbone(cfg.model, cfg.data.image_size)
-    if random_init:
-        source = Source(
-            "random-init", f"random-init-seed{seed}", str(checkpoint) if checkpoint else None
-        )
-        return cfg, backbone, source
-    assert state is not None and checkpoint is not None
-    ckpt.load_backbone_weights(backbone.body, ckpt.backbone_state(state), str(checkpoint))
-    return (
-        cfg,
-        backbone,
-        Source(method or "unknown", ckpt.file_hash(checkpoint), str(checkpoint), step),
-    )
+    load_into(backbone.body, source)
+    return cfg, backbone, source
 
 
 # -- features ----------------------------------------------------------------------------
@@ -472,6 +429,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="YAML config for the architecture/data when there is no loco checkpoint",
     )
     g.add_argument("--name", help="method label in results (default: the checkpoint's method)")
+    g.add_argument(
+        "--prefix",
+        help="key prefix of the backbone in another toolkit's checkpoint, when several "
+        "match (e.g. student. for DINO's student); see loco/weights.py",
+    )
     d = parser.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -511,7 +473,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config | None, list[str]
     return cfg, overrides
 
 
-def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, Source]:
+def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, WeightsSource]:
     cfg, overrides = config_from_args(args)
     return load_backbone(
         args.checkpoint,
@@ -521,6 +483,7 @@ def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, 
         random_init=args.random_init,
         seed=args.seed,
         method_name=args.name,
+        prefix=args.prefix,
     )
 
 
@@ -564,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
         args.split,
         args.stages,
         cache,
-        weights_id=source.checkpoint if source.path and source.method != "random-init" else None,
+        weights_id=source.cache_id,
         per_class=args.per_class,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -581,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
 def feature_sets(
     cfg: Config,
     backbone: StagedBackbone,
-    source: Source,
+    source: WeightsSource,
     stages: str | Sequence[int],
     cache_dir: Path,
     *,
@@ -594,9 +557,8 @@ def feature_sets(
     progress: bool = True,
 ) -> tuple[Mapping[int, FeatureSet], Mapping[int, FeatureSet]]:
     """Train and val features of ``stages`` for the weights of ``source``."""
-    weights_id = source.checkpoint if source.method != "random-init" else None
     common = dict(
-        weights_id=weights_id,
+        weights_id=source.cache_id,
         seed=seed,
         batch_size=batch_size,
         device=device,
