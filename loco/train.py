@@ -38,7 +38,7 @@ from loco.distributed import (
     init_distributed,
 )
 from loco.errors import LocoError
-from loco.methods import Method, build_method
+from loco.methods import METHODS, Method, build_method
 from loco.models.backbone import build_backbone
 from loco.models.recompute import parse_recompute_plan
 from loco.monitor import KNNMonitor, OnlineProbe
@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.epilog = f"methods (method.name): {', '.join(sorted(METHODS))}"
 
 
 def run(args: argparse.Namespace) -> int:
