@@ -139,3 +139,34 @@ def test_bench_gives_each_method_only_its_own_options():
     assert options_for(m, "infopro") == MethodConfig(
         name="infopro", temperature=0.5, lambda1_first=3.0
     )
+
+
+def test_quickstart_reads_its_one_shipped_config():
+    """loco/quickstart.yaml is the quickstart's only config and holds the values the
+    quickstart always ran with (the list once embedded in loco/quickstart.py)."""
+    from loco.config import Config, dump_yaml
+    from loco.quickstart import CONFIG
+
+    recorded = [
+        "data.dataset=cifar10",
+        "data.image_size=32",
+        "data.per_class=1000",
+        "data.num_workers=1",
+        "model.backbone=resnet18",
+        "model.small_image=true",
+        "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+        "method.name=loco",
+        "method.temperature=0.2",
+        "optim.name=lars",
+        "optim.batch_size=128",
+        "optim.base_lr=1.0",
+        "optim.weight_decay=1e-6",
+        "optim.max_steps=200",
+        "optim.warmup_epochs=0.5",
+        "train.output_dir=runs/quickstart",
+        "train.log_every=20",
+        "train.ckpt_every=100",
+    ]
+    assert CONFIG.is_file() and CONFIG.parent.name == "loco"
+    assert dump_yaml(load_config(CONFIG)) == dump_yaml(load_config(None, recorded))
+    assert dump_yaml(load_config(CONFIG)) != dump_yaml(Config())
