@@ -20,6 +20,7 @@ from loco.errors import LocoError
 from loco.eval import features as feat_mod
 from loco.eval.features import extract_features, load_backbone, state_hash
 from loco.models.heads import pool
+from loco.rundir import RunDir
 
 TINY = "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}"
 
@@ -55,7 +56,7 @@ def run_dir(tiny_folder_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_features_match_a_direct_forward_pass_and_are_reused(run_dir, tmp_path, monkeypatch):
     cfg, backbone, source = load_backbone(run_dir / "checkpoint.pt")
     assert (source.method, source.step) == ("loco", 2)
-    assert feat_mod.run_dir_of(source.path) == run_dir.resolve()
+    assert RunDir.from_checkpoint(source.path).root == run_dir.resolve()
     sets = extract_features(
         cfg, backbone, "val", "1,2,3,4", tmp_path, weights_id=source.weights_id, progress=False
     )

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from loco.errors import LocoError
 from loco.eval.evaluate import KNN_PROTOCOLS, EvalOptions, evaluate_run
 from loco.eval.features import add_source_arguments, config_from_args, default_out_dir
-from loco.eval.results import RESULTS, format_table
+from loco.eval.results import format_table
+from loco.rundir import RunDir
 
 
 # -- command line --------------------------------------------------------------------------
@@ -163,5 +164,5 @@ def run(args: argparse.Namespace) -> int:
         prefix=args.prefix,
     )
     print(format_table(rows))
-    print(f"\nresults: {out_dir / RESULTS}")
+    print(f"\nresults: {RunDir(out_dir).results}")
     return 0

@@ -46,6 +46,7 @@ from loco.errors import LocoError
 from loco.filelock import locked
 from loco.models.backbone import StagedBackbone, build_backbone
 from loco.models.heads import pool
+from loco.rundir import RunDir
 from loco.weights import WeightsSource, load_into, read_weights
 
 log = logging.getLogger("loco.eval.features")
@@ -54,12 +55,6 @@ CACHE_VERSION = 1
 
 
 # -- where the weights come from ---------------------------------------------------------
-def run_dir_of(checkpoint: str | Path) -> Path:
-    """The run directory of a checkpoint file (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
-    parent = Path(checkpoint).resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A copy of ``cfg`` with ``key=value`` overrides applied, validated."""
     data = cfg.to_dict()
@@ -492,7 +487,7 @@ def default_out_dir(checkpoint: str | Path | None, out: str | Path | None) -> Pa
     if out:
         return Path(out)
     if checkpoint:
-        return run_dir_of(checkpoint)
+        return RunDir.from_checkpoint(checkpoint).root
     raise LocoError(
         "--random-init without --checkpoint needs --out DIR for its results and features"
     )
