@@ -24,7 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "loco.train",
         "self-supervised pretraining (`loco pretrain --help` lists methods)",
     ),
-    "features": ("loco.eval.features", "extract frozen per-stage readout features into a cache"),
+    "features": (
+        "loco.eval.features_cli",
+        "extract frozen per-stage readout features into a cache",
+    ),
     "eval": ("loco.eval.cli", "kNN (faiss) and linear-probe evaluation per stage"),
     "report": ("loco.eval.report", "merge results.json of several runs into one table (+ PNG)"),
     "bench": ("loco.bench", "FLOPs, activation memory and throughput of each method vs e2e"),

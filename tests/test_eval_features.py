@@ -18,7 +18,8 @@ from loco.data.augment import eval_transform
 from loco.data.folder import load_rgb
 from loco.errors import LocoError
 from loco.eval import features as feat_mod
-from loco.eval.features import extract_features, load_backbone, state_hash
+from loco.eval.features import extract_features, state_hash
+from loco.eval.network import load_backbone
 from loco.models.heads import pool
 from loco.rundir import RunDir
 

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from loco.errors import LocoError
-from loco.eval.features import load_backbone
+from loco.eval.network import load_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,11 @@
 """Evaluation of frozen backbones per stage: cached features, weighted kNN, linear probes,
 ``results.json`` and reports.
 
+One path (:func:`~loco.eval.evaluate.evaluate_run`) serves ``loco eval``, ``loco
+quickstart``, ``tools/compare.py`` and Python callers. Modules: ``evaluate`` (the
+orchestration and its policies), ``network`` (weights + config + stages + device ->
+the backbone), ``features`` (the on-disk feature cache), ``knn``, ``linear``,
+``results``, ``report``; ``cli`` and ``features_cli`` only parse arguments.
 Submodules are imported on first use (``loco --help`` must not import faiss)::
 
     from loco.eval import evaluate_run, extract_features, knn_evaluate
@@ -16,7 +21,7 @@ _EXPORTS = {
     "evaluate_run": "loco.eval.evaluate",
     "FeatureSet": "loco.eval.features",
     "extract_features": "loco.eval.features",
-    "load_backbone": "loco.eval.features",
+    "load_backbone": "loco.eval.network",
     "FeatureBank": "loco.eval.knn",
     "KNNProtocol": "loco.eval.knn",
     "PROTOCOLS": "loco.eval.knn",

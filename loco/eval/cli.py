@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from loco.errors import LocoError
 from loco.eval.evaluate import KNN_PROTOCOLS, EvalOptions, evaluate_run
-from loco.eval.features import add_source_arguments, config_from_args, default_out_dir
+from loco.eval.features_cli import add_source_arguments, config_from_args
+from loco.eval.network import default_out_dir
 from loco.eval.results import format_table
 from loco.rundir import RunDir
 

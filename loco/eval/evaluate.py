@@ -2,7 +2,7 @@
 
 ``loco eval``, ``loco quickstart``, ``tools/compare.py`` and Python callers all run this
 function, so published numbers and users' numbers come from the same code. It loads the
-weights (:func:`loco.eval.features.load_backbone`), reads or extracts the per-stage
+weights (:func:`loco.eval.network.load_backbone`), reads or extracts the per-stage
 features once (:mod:`loco.eval.features`), runs kNN (:mod:`loco.eval.knn`) and the linear
 probe (:mod:`loco.eval.linear`) on them, and merges the rows into ``results.json``
 (:mod:`loco.eval.results`).
@@ -27,16 +27,10 @@ import torch
 
 from loco.config import Config
 from loco.errors import LocoError
-from loco.eval.features import (
-    FeatureSet,
-    dataset_name,
-    default_out_dir,
-    feature_sets,
-    load_backbone,
-    parse_stages,
-)
+from loco.eval.features import FeatureSet, dataset_name, feature_sets
 from loco.eval.knn import FeatureBank, get_protocol, knn_evaluate
 from loco.eval.linear import LinearResult, linear_probe_augmented, linear_probe_cached, preset_for
+from loco.eval.network import default_out_dir, load_backbone, parse_stages
 from loco.eval.results import make_row, write_results
 from loco.weights import WeightsSource
 

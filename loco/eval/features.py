@@ -1,4 +1,4 @@
-"""``loco features``: frozen per-stage readout features, extracted once and cached on disk.
+"""Frozen per-stage readout features, extracted once and cached on disk.
 
 The backbone runs in eval mode without augmentation (Resize + CenterCrop at the
 configured size, the eval transform of :mod:`loco.data.augment`); the output of each
@@ -14,14 +14,12 @@ transform. A different checkpoint therefore gets a different folder, and a re-ru
 the same inputs reads the existing one. Images changed in place under the same root
 are not detected: delete the cache folder then.
 
-Weights come from a loco checkpoint (any method), a plain timm/torchvision state dict
-(``--backbone NAME`` gives the architecture), or a seeded random initialisation of the
-same architecture (``--random-init``, the floor every method must beat).
+Which network runs (weights, config, device) is :mod:`loco.eval.network`'s job; the
+``loco features`` command is :mod:`loco.eval.features_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -38,29 +36,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from loco.config import Config, _merge, _parse_override, config_from_dict
+from loco.config import Config
 from loco.data.augment import eval_resize_size
 from loco.data.loaders import build_eval_loader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
+from loco.eval.network import parse_stages, resolve_device
 from loco.filelock import locked
-from loco.models.backbone import StagedBackbone, build_backbone
+from loco.models.backbone import StagedBackbone
 from loco.models.heads import pool
-from loco.rundir import RunDir
-from loco.weights import WeightsSource, load_into, read_weights
+from loco.weights import WeightsSource
 
 log = logging.getLogger("loco.eval.features")
 
 CACHE_VERSION = 1
-
-
-# -- where the weights come from ---------------------------------------------------------
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A copy of ``cfg`` with ``key=value`` overrides applied, validated."""
-    data = cfg.to_dict()
-    for text in overrides:
-        _merge(data, _parse_override(text))
-    return config_from_dict(data)
 
 
 def state_hash(module: torch.nn.Module, n: int = 16) -> str:
@@ -70,45 +59,6 @@ def state_hash(module: torch.nn.Module, n: int = 16) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:n]
-
-
-def load_backbone(
-    checkpoint: str | Path | None = None,
-    *,
-    cfg: Config | None = None,
-    overrides: Sequence[str] = (),
-    backbone_name: str | None = None,
-    random_init: bool = False,
-    seed: int = 0,
-    method_name: str | None = None,
-    prefix: str | None = None,
-) -> tuple[Config, StagedBackbone, WeightsSource]:
-    """Build the staged backbone to evaluate and the config it was made with.
-
-    The weights come from :func:`loco.weights.read_weights`. A loco checkpoint's saved
-    config gives the ``model`` section always (and the rest unless ``cfg`` is given); a
-    plain state dict takes the architecture from ``backbone_name`` (or ``cfg.model``);
-    ``overrides`` apply last. ``random_init``: the same architecture, seeded by ``seed``.
-    """
-    source = read_weights(
-        checkpoint, random_init=random_init, seed=seed, method=method_name, prefix=prefix
-    )
-    if source.config is None:
-        base = cfg
-    elif cfg is None:
-        base = source.config
-    else:
-        base = config_from_dict({**cfg.to_dict(), "model": source.config.to_dict()["model"]})
-    cfg = apply_overrides(base or Config(), overrides)
-    if backbone_name:
-        cfg.model.backbone = backbone_name
-    if source.config is None and source.path and not (backbone_name or base):
-        source.model_config(None)  # raises: a plain state dict needs --backbone
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        backbone = build_backbone(cfg.model, cfg.data.image_size)
-    load_into(backbone.body, source)
-    return cfg, backbone, source
 
 
 # -- features ----------------------------------------------------------------------------
@@ -137,31 +87,6 @@ class FeatureSet:
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else int(self.labels.max()) + 1
-
-
-def parse_stages(stages: str | Sequence[int] | int, num_modules: int) -> list[int]:
-    """``"all"``, ``"1,2,4"``, ``"last"``, an int or a list -> sorted 1-based stage numbers."""
-    if isinstance(stages, str):
-        text = stages.strip().lower()
-        if text == "all":
-            return list(range(1, num_modules + 1))
-        if text == "last":
-            return [num_modules]
-        try:
-            stages = [int(s) for s in text.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise LocoError(
-                f"--stages '{stages}' not understood; use all, last or numbers such as 1,2,3,4"
-            ) from None
-    elif isinstance(stages, int):
-        stages = [stages]
-    out = sorted(set(int(s) for s in stages))
-    bad = [s for s in out if not 1 <= s <= num_modules]
-    if bad or not out:
-        raise LocoError(
-            f"stage(s) {bad or stages} do not exist: this backbone has stages 1..{num_modules}"
-        )
-    return out
 
 
 def split_folder(cfg: Config, split: str) -> str:
@@ -216,15 +141,6 @@ def _open_cached(folder: Path, meta: dict[str, Any], stage: int) -> FeatureSet |
     return FeatureSet(
         feats, labels, stage, list(meta.get("classes", [])), folder / info["file"], cached=True
     )
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LocoError("--device cuda but no CUDA device is visible; use --device auto or cpu")
-    return device
 
 
 def extract_features(
@@ -396,144 +312,6 @@ def _extract(
     meta_tmp.write_text(json.dumps(new_meta, indent=1))
     os.replace(meta_tmp, folder / "meta.json")
     return new_meta
-
-
-# -- command line (shared with `loco eval`) -----------------------------------------------
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments naming the weights and the data; shared by `loco features` and `loco eval`."""
-    g = parser.add_argument_group("weights")
-    g.add_argument(
-        "--checkpoint",
-        help="loco checkpoint (RUN/checkpoint.pt) or a plain timm/torchvision state dict",
-    )
-    g.add_argument(
-        "--backbone",
-        help="timm model name for a plain state dict or --random-init without a checkpoint",
-    )
-    g.add_argument(
-        "--random-init",
-        action="store_true",
-        help="seeded random weights of the same architecture (the floor)",
-    )
-    g.add_argument(
-        "--seed", type=int, default=0, help="random-init seed and subset seed (default 0)"
-    )
-    g.add_argument(
-        "--config",
-        "-c",
-        help="YAML config for the architecture/data when there is no loco checkpoint",
-    )
-    g.add_argument("--name", help="method label in results (default: the checkpoint's method)")
-    g.add_argument(
-        "--prefix",
-        help="key prefix of the backbone in another toolkit's checkpoint, when several "
-        "match (e.g. student. for DINO's student); see loco/weights.py",
-    )
-    d = parser.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        metavar="DIR",
-        help="ImageFolder root with train/ and val/ (sets data.dataset=folder)",
-    )
-    d.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
-    d.add_argument(
-        "--batch-size", type=int, default=256, help="images per forward pass (default 256)"
-    )
-    d.add_argument("--cache-dir", help="feature cache (default: RUN/features, or OUT/features)")
-    d.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    d.add_argument(
-        "--dtype", default="float16", choices=("float16", "float32"), help="cached feature dtype"
-    )
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides applied on top of the checkpoint's config, e.g. data.image_size=224",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[Config | None, list[str]]:
-    """The ``--config`` file (or None) and the overrides ``--data``/``--workers`` add."""
-    overrides = list(args.overrides or [])
-    if args.data:
-        overrides = [f"data.root={args.data}", "data.dataset=folder", *overrides]
-    if args.workers is not None:
-        overrides.append(f"data.num_workers={args.workers}")
-    cfg = None
-    if args.config:
-        from loco.config import load_config
-
-        cfg = load_config(args.config)
-    return cfg, overrides
-
-
-def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, WeightsSource]:
-    cfg, overrides = config_from_args(args)
-    return load_backbone(
-        args.checkpoint,
-        cfg=cfg,
-        overrides=overrides,
-        backbone_name=args.backbone,
-        random_init=args.random_init,
-        seed=args.seed,
-        method_name=args.name,
-        prefix=args.prefix,
-    )
-
-
-def default_out_dir(checkpoint: str | Path | None, out: str | Path | None) -> Path:
-    """Where results and the feature cache go: ``out``, else the checkpoint's run directory."""
-    if out:
-        return Path(out)
-    if checkpoint:
-        return RunDir.from_checkpoint(checkpoint).root
-    raise LocoError(
-        "--random-init without --checkpoint needs --out DIR for its results and features"
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_source_arguments(parser)
-    parser.add_argument(
-        "--split", default="train", help="train | val | a split folder name (default train)"
-    )
-    parser.add_argument(
-        "--stages", default="all", help="1-based stages, e.g. 1,2,3,4 (default all)"
-    )
-    parser.add_argument(
-        "--per-class", type=int, default=0, help="images per class (default 0 = all)"
-    )
-    parser.add_argument(
-        "--out", help="where the cache goes when there is no run dir (OUT/features)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg, backbone, source = source_from_args(args)
-    cache = (
-        Path(args.cache_dir)
-        if args.cache_dir
-        else default_out_dir(source.path, args.out) / "features"
-    )
-    sets = extract_features(
-        cfg,
-        backbone,
-        args.split,
-        args.stages,
-        cache,
-        weights_id=source.cache_id,
-        per_class=args.per_class,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
-    print("| stage | n | dim | cached | file |\n|---|---|---|---|---|")
-    for s, fs in sets.items():
-        print(f"| S{s} | {len(fs)} | {fs.dim} | {'reused' if fs.cached else 'new'} | {fs.path} |")
-    return 0
 
 
 def feature_sets(
