@@ -59,7 +59,7 @@ class ModelConfig:
     split: Any = "stages"
     drop_path_rate: float = 0.0
     sync_bn: bool = False
-    # extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256], stem_width: 32}
+    # extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256]}
     # for a half-width ResNet that trains on 2 CPU cores
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -31,7 +31,7 @@ from loco.profiling import (
 
 B, IN, OUT = 3, 5, 7
 F32 = 4
-TINY = {"channels": [8, 16, 32, 64], "stem_width": 8}
+TINY = {"channels": [8, 16, 32, 64]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 
@@ -244,7 +244,7 @@ def test_bench_writes_json_and_markdown(tmp_path, capsys):
             "1",
             "--out",
             str(out),
-            "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+            "model.kwargs={channels: [8, 16, 32, 64]}",
             "decoder.hidden_dim=32",
         ]
     )

@@ -154,7 +154,7 @@ def test_quickstart_reads_its_one_shipped_config():
         "data.num_workers=1",
         "model.backbone=resnet18",
         "model.small_image=true",
-        "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+        "model.kwargs={channels: [16, 32, 64, 128]}",
         "method.name=loco",
         "method.temperature=0.2",
         "optim.name=lars",

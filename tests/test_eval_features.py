@@ -23,7 +23,7 @@ from loco.eval.network import load_backbone
 from loco.models.heads import pool
 from loco.rundir import RunDir
 
-TINY = "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}"
+TINY = "model.kwargs={channels: [16, 32, 64, 128]}"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 
@@ -129,7 +129,7 @@ def test_changed_checkpoint_invalidates_cache(run_dir, tmp_path):
 def test_plain_state_dicts_random_init_and_mismatch(tiny_folder_root, tmp_path):
     over = [f"data.root={tiny_folder_root}", "data.dataset=folder", TINY]
     torch.manual_seed(1)
-    model = timm.create_model("resnet18", num_classes=10, channels=[16, 32, 64, 128], stem_width=16)
+    model = timm.create_model("resnet18", num_classes=10, channels=[16, 32, 64, 128])
     model.conv1 = torch.nn.Conv2d(
         3, model.conv1.out_channels, 3, 1, 1, bias=False
     )  # small-image stem

@@ -122,7 +122,7 @@ def test_augmented_probe_leaves_backbone_untouched(tiny_folder_root, schedule):
         [
             f"data.root={tiny_folder_root}",
             "data.dataset=folder",
-            "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+            "model.kwargs={channels: [16, 32, 64, 128]}",
             "data.num_workers=0",
         ],
     )

@@ -36,7 +36,7 @@ def tiny(root: Path, out: Path, *extra: str) -> list[str]:
     return [
         "data.dataset=folder", f"data.root={root}", "data.train_split=val", "data.per_class=4",
         "data.image_size=16", "data.num_workers=0", "optim.batch_size=8",
-        "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "decoder.hidden_dim=64",
+        "model.kwargs={channels: [8, 16, 32, 64]}", "decoder.hidden_dim=64",
         "decoder.out_dim=32", "train.progress=false", "train.log_every=1", "train.deterministic=true",
         f"train.output_dir={out}", *extra,
     ]  # fmt: skip

@@ -17,9 +17,9 @@ from loco.eval.network import load_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KWARGS = {"channels": [16, 32, 64, 128], "stem_width": 16}
+KWARGS = {"channels": [16, 32, 64, 128]}
 OVER = [
-    "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+    "model.kwargs={channels: [16, 32, 64, 128]}",
     "model.small_image=false",
     "data.num_workers=0",
 ]

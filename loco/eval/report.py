@@ -83,10 +83,14 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     """One line per distinct reason a shown metric is missing."""
     seen: dict[str, list[str]] = {}
     for r in rows:
+        by_note: dict[str, list[str]] = {}
         for key, note in (r.get("notes") or {}).items():
-            where = f"{r['run']} {r['protocol']} {LABELS.get(key, key)}"
-            seen.setdefault(note, []).append(where)
-    return [f"{MISSING}: {note} ({', '.join(where)})" for note, where in seen.items()]
+            by_note.setdefault(note, []).append(key)
+        for note, keys in by_note.items():
+            every = set(keys) == set(METRICS[metric_family(r)])
+            which = "all metrics" if every else ", ".join(LABELS.get(k, k) for k in keys)
+            seen.setdefault(note, []).append(f"{r['run']} {r['protocol']}: {which}")
+    return [f"{MISSING}: {note} ({'; '.join(where)})" for note, where in seen.items()]
 
 
 def report_table(rows: list[dict[str, Any]]) -> str:

@@ -465,6 +465,20 @@ class _RngState:
             yield
 
 
+def _reject_ignored_kwargs(model: nn.Module, cfg: ModelConfig) -> None:
+    """timm accepts some arguments it then ignores; a config that sets one describes a network
+    that is not the one built. Rejected where detectable: ``stem_width`` on a ResNet whose stem
+    is the single 7x7 conv (always 64 channels; timm reads stem_width only for deep stems)."""
+    if "stem_width" in cfg.kwargs and isinstance(model, timm.models.resnet.ResNet):
+        if isinstance(model.conv1, nn.Conv2d):
+            raise LocoError(
+                f"model.kwargs.stem_width={cfg.kwargs['stem_width']} has no effect on "
+                f"'{cfg.backbone}': timm uses it only with a deep stem (stem_type: deep or "
+                "deep_tiered), the plain stem has 64 channels; remove stem_width (for a "
+                "checkpoint saved with it, override model.kwargs without it: same network)"
+            )
+
+
 def _check_every_parameter_trained(model: nn.Module, units: list[Unit], name: str) -> None:
     """A timm parameter that no local module lists would silently keep its initial value."""
     listed = {id(p) for u in units for p in unit_parameters(model, u)}
@@ -551,6 +565,7 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
         raise LocoError(f"unknown timm backbone '{cfg.backbone}' ({exc}){hint}") from None
     except TypeError as exc:
         raise LocoError(f"timm backbone '{cfg.backbone}' rejected its options: {exc}") from None
+    _reject_ignored_kwargs(model, cfg)
     if not getattr(model, "feature_info", None):
         raise LocoError(
             f"timm backbone '{cfg.backbone}' has no feature_info, so its stages are unknown; "
