@@ -177,7 +177,7 @@ def test_augmented_probe_trains_with_the_step_schedule(tiny_folder_root, monkeyp
         [
             f"data.root={tiny_folder_root}",
             "data.dataset=folder",
-            "model.kwargs={channels: [16, 32, 64, 128], stem_width: 16}",
+            "model.kwargs={channels: [16, 32, 64, 128]}",
             "data.num_workers=0",
         ],
     )
