@@ -39,7 +39,7 @@ import yaml
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
-from loco.methods.reference import naive_loco
+from loco.methods.base import options_for
 from loco.models.backbone import build_backbone
 from loco.models.recompute import format_recompute_plan, parse_recompute_plan
 from loco.optim import build_optimizer
@@ -54,7 +54,6 @@ from loco.profiling import (
 
 log = logging.getLogger("loco.bench")
 
-NAIVE = "loco_naive"  # the straightforward LoCo of loco.methods.reference
 RECOMPUTE_MODES = ("none", "stage1", "all")
 MiB = 2**20
 
@@ -75,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default="e2e,greedy,loco,loco_naive,infopro",
-        help=f"comma list of {', '.join([*sorted(METHODS), NAIVE])}; e2e is always measured (the baseline)",
+        help=f"comma list of {', '.join(sorted(METHODS))}; e2e is always measured (the baseline)",
     )
     parser.add_argument(
         "--split",
@@ -168,14 +167,11 @@ class Row:
 
 def build(cfg: Config, method_name: str, recompute: str, seed: int) -> Method:
     """The method (``loco_naive``: the reference LoCo) on a fresh backbone, in train mode."""
-    cfg.method.name = "loco" if method_name == NAIVE else method_name
+    cfg.method = options_for(cfg.method, method_name)
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, cfg.data.image_size)
     backbone.recompute = parse_recompute_plan(recompute, backbone.num_modules)
-    method = build_method(backbone, cfg)
-    if method_name == NAIVE:
-        method = naive_loco(method)
-    return method.train()
+    return build_method(backbone, cfg).train()
 
 
 def inner(method: Method) -> Method:
@@ -578,10 +574,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS and m != NAIVE]
+    unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise LocoError(
-            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join([*sorted(METHODS), NAIVE])}"
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}"
         )
     names = ["e2e"] + [m for m in names if m != "e2e"]
     specs = [r.strip() for r in args.recompute.split(",") if r.strip()]

@@ -85,15 +85,20 @@ class DecoderConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "loco"  # e2e | greedy | loco | infopro
+    """The pretraining method. ``name``, ``temperature`` and ``gather_negatives`` apply to
+    every method; each other key belongs to the method that lists it in its ``options``
+    (:mod:`loco.methods`), and validation rejects it, changed from its default, with any
+    other method."""
+
+    name: str = "loco"  # a registered method: `loco pretrain --help` lists them
     temperature: float = 0.2
     gather_negatives: bool = True  # negatives from all ranks
-    # loco
+    # -- loco (and loco_naive) only
     first_stage_loss: bool = True
     # "both": a shared stage is updated by its own loss and the loss above (the paper);
     # "upper": by the loss above only (paper's Table 5 ablation)
     shared_update: str = "both"
-    # infopro: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
+    # -- infopro only: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
     # interpolated linearly from the first to the last local module
     lambda1_first: float = 5.0
     lambda1_last: float = 0.0
@@ -173,8 +178,6 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("pil", "tensor"),
     "model.small_image": ("auto", "true", "false"),
-    "method.name": ("e2e", "greedy", "loco", "infopro"),
-    "method.shared_update": ("both", "upper"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -373,6 +376,9 @@ def validate(cfg: Config) -> None:
         raise LocoError("data.per_class needs class labels; unset it for unlabelled data")
     if unlabelled and cfg.method.supervised:
         raise LocoError("method.supervised=true needs class labels; use data.labels=true")
+    from loco.methods import check_method_config  # lazy: the registry imports torch
+
+    check_method_config(cfg.method)
     try:  # the module count is the backbone's: build time checks the range
         parse_recompute_plan(cfg.train.recompute, None)
     except LocoError as exc:

@@ -31,6 +31,8 @@ import torch
 
 from loco import __version__
 from loco.errors import LocoError
+from loco.rundir import RunDir
+from loco.weights import WeightsSource, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +54,29 @@ class Exported:
 def _checkpoint_path(source: str | Path) -> Path:
     path = Path(source)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = RunDir(path).checkpoint
     if not path.is_file():
         raise LocoError(f"no checkpoint at '{path}'; give a run directory or a checkpoint file")
     return path
 
 
-def export_metadata(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+def export_metadata(source: WeightsSource, config_dict: dict[str, Any]) -> dict[str, Any]:
     """What a user of the exported file needs to rebuild and feed the model."""
-    from loco.config import config_from_dict
     from loco.models.backbone import _is_small_image, build_backbone, timm_kwargs
 
-    cfg = config_from_dict(state["config"])
+    cfg = source.config
+    assert cfg is not None
     backbone = build_backbone(cfg.model, cfg.data.image_size)
     stem = _stem_change(backbone.body) if _is_small_image(cfg.model, cfg.data.image_size) else ""
-    config_text = json.dumps(state["config"], sort_keys=True)
+    config_text = json.dumps(config_dict, sort_keys=True)
     return {
         "format_version": 1,
         "timm_model": cfg.model.backbone,
         "timm_kwargs": timm_kwargs(cfg.model, cfg.data.image_size),
         "small_image_stem": bool(stem),
         "stem_change": stem,
-        "method": str((state.get("meta") or {}).get("method") or cfg.method.name),
-        "step": int(state.get("step") or 0),
+        "method": source.method,
+        "step": int(source.step or 0),
         "weights": "online",
         "config_hash": hashlib.sha256(config_text.encode()).hexdigest()[:16],
         "image_size": cfg.data.image_size,
@@ -84,7 +86,7 @@ def export_metadata(state: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
         "features); `stages` names where each module ends: a timm feature_info module, or "
         "forward_features (the last module, with timm's trailing norm/conv head)",
         "stages": _stage_names(backbone),
-        "source": str(checkpoint),
+        "source": str(source.path),
         "loco_version": __version__,
     }
 
@@ -137,21 +139,24 @@ def export(
     if to not in FORMATS:
         raise LocoError(f"--to {to!r} unknown; use one of {', '.join(FORMATS)}")
     path = _checkpoint_path(source)
-    state = ckpt.load(path)
-    if not isinstance(state.get("config"), dict) or not isinstance(state.get("backbone"), dict):
-        raise LocoError(f"'{path}' is not a loco checkpoint (no config/backbone entries)")
-    if ema:
-        if not isinstance(state.get("backbone_ema"), dict):
+    weights = read_weights(path)
+    if weights.config is None or weights.state is None:
+        raise LocoError(
+            f"'{path}' is not a loco checkpoint (no config/backbone entries); export takes "
+            "loco runs (other toolkits' weights: `loco eval --checkpoint` reads them directly)"
+        )
+    state = weights.state
+    if ema:  # EMA weights are kept only by objectives with a momentum network
+        raw = ckpt.load(path)
+        if not isinstance(raw.get("backbone_ema"), dict):
             raise LocoError(
                 f"'{path}' holds no momentum (EMA) weights: its objective keeps none; "
                 "export the online weights (drop --ema)"
             )
-        weights = state["backbone_ema"]
-    else:
-        weights = state["backbone"]
-    meta = export_metadata(state, path)
+        state = raw["backbone_ema"]
+    meta = export_metadata(weights, weights.config.to_dict())
     meta["weights"] = "ema" if ema else "online"
-    tensors = {k: v.contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     untrained = _add_untrained_head(meta, tensors)
     meta["untrained_keys"] = untrained
     if to == "torchvision":

@@ -40,7 +40,7 @@ from loco.distributed import (
     seed_per_rank,
 )
 from loco.errors import LocoError
-from loco.methods import Method, build_method
+from loco.methods import METHODS, Method, build_method
 from loco.models.backbone import build_backbone
 from loco.models.recompute import parse_recompute_plan
 from loco.models.sync_bn import sync_batchnorm
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.epilog = f"methods (method.name): {', '.join(sorted(METHODS))}"
 
 
 def run(args: argparse.Namespace) -> int:

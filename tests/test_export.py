@@ -16,7 +16,7 @@ from loco import checkpoint as ckpt
 from loco.cli import main
 from loco.config import config_from_dict, load_config
 from loco.errors import LocoError
-from loco.eval.features import load_backbone
+from loco.eval.network import load_backbone
 from loco.train import pretrain
 
 # Runs in a fresh interpreter that never imports loco: loads FILE in FORMAT the way the README

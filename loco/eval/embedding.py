@@ -103,13 +103,15 @@ def embedding_report(
 ) -> tuple[Path, dict[str, int]]:
     """Draw the val features of each run's ``RUN/checkpoint.pt`` (one panel per run), or of
     every stage of one run (``stage="all"``). Returns the PNG path and points per panel."""
-    from loco.eval.features import extract_features, load_backbone
+    from loco.eval.features import extract_features
+    from loco.eval.network import load_backbone
+    from loco.rundir import RunDir
 
     if stage == "all" and len(runs) > 1:
         raise LocoError("--stage all draws one run's stages; give one run, or a stage number")
     panels: list[Panel] = []
     for run in runs:
-        checkpoint = Path(run) / "checkpoint.pt" if Path(run).is_dir() else Path(run)
+        checkpoint = RunDir(run).checkpoint if Path(run).is_dir() else Path(run)
         if not checkpoint.is_file():
             raise LocoError(f"no checkpoint at '{checkpoint}'; give a run directory")
         cfg, backbone, source = load_backbone(checkpoint)
@@ -122,8 +124,8 @@ def embedding_report(
             backbone,
             "val",
             stages,
-            (source.run_dir or Path(run)) / "features",
-            weights_id=source.checkpoint,
+            RunDir.from_checkpoint(checkpoint).root / "features",
+            weights_id=source.cache_id,
             per_class=per_class,
             seed=seed,
             progress=progress,

@@ -41,7 +41,8 @@ from loco.data.folder import ImageFolderDataset, SkipUnreadable, subset_per_clas
 from loco.data.loaders import DatasetView, EpochSampler, build_eval_loader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
-from loco.eval.features import FeatureSet, parse_stages, resolve_device
+from loco.eval.features import FeatureSet
+from loco.eval.network import parse_stages, resolve_device
 from loco.models.backbone import StagedBackbone
 from loco.models.heads import pool
 from loco.stop import worker_init

@@ -451,7 +451,7 @@ def check_job(job: str, tasks: list[Task], world_size: int) -> None:
     if getattr(ns, "checkpoint", None):
         state = read_checkpoint(ns.checkpoint)
         if job == "eval" and isinstance(state.get("config"), dict):
-            from loco.eval.features import apply_overrides
+            from loco.eval.network import apply_overrides
 
             for t in tasks:  # the checkpoint's config with each task's overrides
                 overrides = getattr(_parse_job(job, t.argv), "overrides", None) or []
