@@ -395,6 +395,10 @@ def module_profile(
         )
         with torch.no_grad():
             x = bb.forward_module(k, x)
+        head = method.heads[str(k)]  # greedy: module k's decoder, as in every method
+        rows[-1]["decoder_params"] = sum(p.numel() for p in head.parameters())
+        rows[-1]["decoder_block_params"] = sum(p.numel() for p in head.block.parameters())
+        rows[-1]["decoder_flops_forward"] = count_flops(lambda head=head, x=x: head(x))
     return rows
 
 
@@ -491,16 +495,26 @@ def markdown(result: dict[str, Any]) -> str:
         owners = sorted(r["saved_peak_by_owner"].items(), key=_owner_order)
         parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in owners if v >= MiB / 2) or "-"
         out.append(f"- {r['method']} / {r['split']} / {r['recompute']}: {parts}")
-    out += ["", "Per module (forward FLOPs; bytes its forward saves for backward):", ""]
+    out += [
+        "",
+        "Per module (forward FLOPs; bytes its forward saves for backward; its decoder's"
+        " parameters, of which the conv block's, and forward FLOPs):",
+        "",
+    ]
     for prof in result["modules"]:
         out.append(f"split {prof['split']}, recompute {prof['recompute']}:")
         out.append("")
-        out.append("| module | span | GFLOPs fwd | saved MiB | recomputed segments |")
-        out.append("|---|---|---|---|---|")
+        out.append(
+            "| module | span | GFLOPs fwd | saved MiB | recomputed segments "
+            "| decoder M params (block) | decoder GFLOPs fwd |"
+        )
+        out.append("|---|---|---|---|---|---|---|")
         for m in prof["profile"]:
             out.append(
                 f"| {m['module']} | {m['span']} | {m['flops_forward'] / 1e9:.2f} | {m['saved_bytes'] / MiB:.1f} "
-                f"| {m['recomputed_segments']}/{m['segments']} |"
+                f"| {m['recomputed_segments']}/{m['segments']} "
+                f"| {m['decoder_params'] / 1e6:.2f} ({m['decoder_block_params'] / 1e6:.2f}) "
+                f"| {m['decoder_flops_forward'] / 1e9:.2f} |"
             )
         out.append("")
     return "\n".join(out)

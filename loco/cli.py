@@ -32,9 +32,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("loco.eval.report", "merge results.json of several runs into one table (+ PNG)"),
     "bench": ("loco.bench", "FLOPs, activation memory and throughput of each method vs e2e"),
     "submit": ("loco.launch.submit", "submit pretrain/eval/transfer to Slurm with submitit"),
-    "jobs": ("loco.launch.jobs", "state, last step and log tail of submitted jobs"),
+    "jobs": ("loco.launch.status", "state, last step and log tail of submitted jobs"),
     "transfer": ("loco.transfer.cli", "Detectron2 Mask R-CNN transfer (train | eval | subsample)"),
     "data": ("loco.data.cli", "prepare the shipped datasets and check an ImageFolder tree"),
+    "export": ("loco.export", "write a backbone for timm, torchvision or safetensors"),
 }
 
 

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from loco.eval.network import parse_stages, resolve_device
 from loco.filelock import locked
 from loco.models.backbone import StagedBackbone
 from loco.models.heads import pool
+from loco.stop import StopFlag
 from loco.weights import WeightsSource
 
 log = logging.getLogger("loco.eval.features")
@@ -215,6 +216,27 @@ def extract_features(
     return out
 
 
+@contextlib.contextmanager
+def _removed_on_error(paths: Iterable[Path]) -> Iterator[None]:
+    """Delete ``paths`` when the block raises (or exits on a stop)."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _stopped(reason: str, split: str) -> SystemExit:
+    log.warning(
+        "stopped by %s during feature extraction of '%s'; nothing cached for it: run the "
+        "same command again",
+        reason,
+        split,
+    )
+    return SystemExit(143 if reason == "SIGTERM" else 130)
+
+
 def _extract(
     cfg: Config,
     backbone: StagedBackbone,
@@ -253,8 +275,13 @@ def _extract(
     bar = tqdm(
         loader, desc=f"features {split}", disable=not progress, dynamic_ncols=True, file=sys.stderr
     )
-    with torch.inference_mode(), autocast:
+    # a stop signal ends the extraction after the current batch; the temporary files go and
+    # meta.json (written last: what marks a cache complete) is not written: a rerun extracts
+    with torch.inference_mode(), autocast, StopFlag() as stop, _removed_on_error(tmp.values()):
         for images, y, bad in bar:
+            if stop.reason():
+                bar.close()
+                raise _stopped(stop.reason(), split)
             skipped += bad
             b = y.numel()
             if b == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -97,6 +98,7 @@ class Method(nn.Module):
         self.cfg = cfg
         self.temperature = cfg.method.temperature
         self.gather = cfg.method.gather_negatives
+        self.loss_scaler: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- building blocks -------------------------------------------------------------
     def projection_heads(self, modules: list[int]) -> nn.ModuleDict:
@@ -119,9 +121,16 @@ class Method(nn.Module):
         """
         h_leaf = h.detach().requires_grad_(True)
         loss = self.head_loss(k, h_leaf)
-        loss.backward()
+        self.backward_loss(loss)
         assert h_leaf.grad is not None
         return loss.detach(), h_leaf.grad
+
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        """Where every backward pass of a step starts. Under fp16 the trainer sets
+        ``loss_scaler`` (a GradScaler's ``scale``): each local loss is scaled by the same
+        factor, so the cotangents routed between modules and every ``.grad`` carry it and
+        one ``unscale_``/``step`` serves the whole step."""
+        (self.loss_scaler(loss) if self.loss_scaler is not None else loss).backward()
 
     def head_loss(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return self.contrastive_loss(self.heads[str(k)], h)

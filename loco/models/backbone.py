@@ -549,14 +549,24 @@ def _finish_units(
     return [Unit(path, stage, is_block=False, trailing=True) for path in trailing], head
 
 
-def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
-    """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``."""
-    kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False, **cfg.kwargs}
-    if cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
+def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict[str, object]:
+    """The ``timm.create_model`` arguments that shape the weights (what an export records)."""
+    kwargs = dict(cfg.kwargs)
     if "vit" in cfg.backbone or "deit" in cfg.backbone:
         kwargs["img_size"] = image_size
         kwargs["dynamic_img_size"] = True
+    return kwargs
+
+
+def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
+    """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``."""
+    kwargs: dict[str, object] = {
+        "num_classes": 0,
+        "pretrained": False,
+        **timm_kwargs(cfg, image_size),
+    }
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     try:
         model = timm.create_model(cfg.backbone, **kwargs)
     except RuntimeError as exc:
@@ -584,6 +594,4 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
         model.set_submodule(path, nn.Identity())
     groups[-1] = [*groups[-1], *trailing]
     _check_every_parameter_trained(model, [u for g in groups for u in g], cfg.backbone)
-    if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return StagedBackbone(model, groups, cfg.backbone, image_size)
