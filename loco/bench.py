@@ -41,8 +41,8 @@ from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.methods.reference import naive_loco
 from loco.models.backbone import build_backbone
-from loco.models.recompute import format_recompute_plan, parse_recompute_plan
 from loco.optim import build_optimizer
+from loco.plans import format_recompute_plan, parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,

@@ -40,9 +40,9 @@ from loco.distributed import (
 from loco.errors import LocoError
 from loco.methods import Method, build_method
 from loco.models.backbone import build_backbone
-from loco.models.recompute import parse_recompute_plan
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
+from loco.plans import parse_recompute_plan, parse_split
 
 log = logging.getLogger("loco.train")
 
@@ -227,7 +227,11 @@ class Pretrainer:
         self.steps_per_epoch = steps_per_epoch(self.loader)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
-        backbone = build_backbone(cfg.model, cfg.data.image_size)
+        # a balanced split resumes with the cuts it chose (kept in meta, not in the config)
+        resume = ckpt.find_resume(self.run_dir, cfg.train.resume)
+        balanced = resume and parse_split(cfg.model.split).kind == "balanced"
+        cuts = ckpt.load(resume)["meta"].get("split_cuts") if balanced else None
+        backbone = build_backbone(cfg.model, cfg.data.image_size, cuts=cuts)
         backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
         self.method: Method = build_method(backbone, cfg).to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
@@ -270,6 +274,7 @@ class Pretrainer:
                 "backbone": self.cfg.model.backbone,
                 "method": self.cfg.method.name,
                 "channels": self.method.backbone.channels,
+                "split_cuts": self.method.backbone.cuts,
                 "image_size": self.cfg.data.image_size,
                 "world_size": self.info.world_size,
                 "git": git_revision(),
