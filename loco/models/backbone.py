@@ -482,6 +482,8 @@ def build_backbone(
 
     ``cuts``: the cut points a ``balanced:K`` run chose (its checkpoint's
     ``meta.split_cuts``), used instead of measuring again so a resume splits the same way."""
+    import loco.models.presnet  # noqa: F401  (registers presnet50* with timm; not on --help's path)
+
     kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False, **cfg.kwargs}
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
