@@ -95,3 +95,19 @@ def test_narrow_presnet_trains_at_32_px(cifar_val_root, tmp_path):
     assert len(rows) == 1 and torch.isfinite(torch.tensor(losses)).all()
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert len(state["meta"]["channels"]) == 6  # its six stages are the local modules
+
+
+@pytest.mark.parametrize("method", ["e2e", "greedy", "loco"])
+def test_imagenet_configs_are_the_resnet50_recipe(method):
+    from pathlib import Path
+
+    from loco.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    ours = load_config(configs / f"imagenet_presnet50_{method}_100ep.yaml").to_dict()
+    theirs = load_config(configs / f"imagenet_resnet50_{method}_100ep.yaml").to_dict()
+    assert ours["model"].pop("backbone") == "presnet50"
+    assert ours["train"].pop("output_dir") == f"runs/imagenet_presnet50_{method}_100ep"
+    del theirs["model"]["backbone"], theirs["train"]["output_dir"]
+    assert ours == theirs and ours["method"]["name"] == method
+    assert ours["optim"]["epochs"] == 100
