@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         action="append",
         default=None,
-        help="stages | blocks | N | [cut, points]; comma list or repeated (default: the "
-        "config's model.split, else stages)",
+        help="stages | blocks | N | [cut, points] | balanced:K | balanced:K:flops; comma list "
+        "or repeated (default: the config's model.split, else stages)",
     )
     parser.add_argument(
         "--recompute",

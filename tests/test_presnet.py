@@ -111,3 +111,34 @@ def test_imagenet_configs_are_the_resnet50_recipe(method):
     del theirs["model"]["backbone"], theirs["train"]["output_dir"]
     assert ours == theirs and ours["method"]["name"] == method
     assert ours["optim"]["epochs"] == 100
+
+
+def test_transfer_rejects_presnet_in_one_line(one_thread):
+    pytest.importorskip("detectron2")
+    from loco.config import ModelConfig
+    from loco.errors import LocoError
+    from loco.models.backbone import build_backbone
+    from loco.transfer.backbone import PROBE_SIZE, LocoBackbone
+
+    model = ModelConfig(backbone="presnet50", small_image="false", kwargs={"width": 0.125})
+    with pytest.raises(LocoError, match="powers of two"):
+        LocoBackbone(build_backbone(model, PROBE_SIZE))
+
+
+def test_dense_expand_reading_matches_paper_flop_shares(one_thread):
+    """The paper's FLOPs shares (13.5/14.6/14.8/16.6/20.5/20.0 %) come back with res5/res6's
+    last 1x1 dense; counted here stage by stage with the stem in res2."""
+    model = timm.create_model("presnet50", num_classes=0, dense_expand=[5, 6])
+    x, shares = torch.zeros(1, 3, 224, 224), []
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as stem:
+            x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        for stage in model.stages:
+            with FlopCounterMode(display=False) as counter:
+                x = stage(x)
+            shares.append(counter.get_total_flops())
+    shares[0] += stem.get_total_flops()
+    paper = [13.5, 14.6, 14.8, 16.6, 20.5, 20.0]
+    ours = [100 * s / sum(shares) for s in shares]
+    assert max(abs(a - b) for a, b in zip(ours, paper)) < 0.5, ours
+    assert 4.05e9 < sum(shares) / 2 < 4.16e9

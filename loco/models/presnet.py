@@ -16,6 +16,9 @@ loco imports this module lazily where it builds a backbone whose name starts wit
 * ``small_image``: a 3x3 stride-1 stem without max-pool (CIFAR-style, for 32-64 px).
 * ``shortcut`` / ``resize_at``: the readings of the paper's table that it leaves open
   (docs/bench.md, "PResNet-50", says which was picked and why).
+* ``dense_expand``: res-stages (5, 6, 7) whose last 1x1 stays dense in every block. The
+  table groups it after each stage's first block; ``[5, 6]`` is the reading that reproduces
+  the paper's FLOPs figures (4.11 G, shares within 0.4 points) against its table.
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class PResNet(nn.Module):
         small_image: bool = False,
         shortcut: str = "dense",
         resize_at: str = "input",
+        dense_expand: tuple[int, ...] | list[int] = (),
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         **_: Any,
@@ -162,7 +166,8 @@ class PResNet(nn.Module):
             scaled = tuple(_round(c * width, unit) for c in widths)
             blocks = []
             for b in range(depth):
-                out_groups = g if group_out and b > 0 else 1
+                dense = s + 2 in dense_expand  # res-number: stage 0 is res2
+                out_groups = g if group_out and b > 0 and not dense else 1
                 blocks.append(
                     Block(
                         cin,
