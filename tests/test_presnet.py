@@ -142,3 +142,16 @@ def test_dense_expand_reading_matches_paper_flop_shares(one_thread):
     ours = [100 * s / sum(shares) for s in shares]
     assert max(abs(a - b) for a, b in zip(ours, paper)) < 0.5, ours
     assert 4.05e9 < sum(shares) / 2 < 4.16e9
+
+
+@pytest.mark.parametrize("groups", [1, 16, 128])
+def test_grouped_conv_backward_flops(one_thread, groups):
+    """A conv's backward costs two forwards (input and weight gradient), grouped or not;
+    torch's own formula counts a grouped weight gradient as dense."""
+    from loco.profiling import count_flops
+
+    conv = nn.Conv2d(256, 256, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 256, 8, 8, requires_grad=True)
+    macs = 2 * 8 * 8 * 256 * (256 // groups) * 9
+    y = conv(x)
+    assert count_flops(lambda: y.sum().backward()) == 2 * (2 * macs)
