@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,24 @@ import torch
 import torch.nn as nn
 
 from loco.errors import LocoError
+from loco.rundir import RunDir
 
-LATEST = "checkpoint.pt"
 PREFIXES = ("module.", "backbone.body.", "backbone.", "encoder.", "body.", "model.")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in directory ``path`` durable (a crash after os.replace can otherwise
+    leave the old name on disk)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not POSIX, or no permission to open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -32,6 +48,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no copy, and ``checkpoint.pt`` stays a real file); a durable copy where
+    the filesystem has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,41 +86,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_run_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int = 2) -> Path:
     """Write ``checkpoints/step_XXXXXXXX.pt`` and point ``checkpoint.pt`` at it."""
-    ckpt_dir = run_dir / "checkpoints"
-    path = ckpt_dir / f"step_{step:08d}.pt"
+    rd = RunDir(run_dir)
+    path = rd.step_checkpoint(step)
     atomic_save(state, path)
-    latest = run_dir / LATEST
-    tmp_link = run_dir / f".{LATEST}.tmp{os.getpid()}"
+    latest = rd.checkpoint
+    tmp_link = latest.with_name(f".{latest.name}.tmp{os.getpid()}")
     tmp_link.unlink(missing_ok=True)
-    os.link(path, tmp_link)  # hard link: no copy, and `checkpoint.pt` is a real file
+    _link_or_copy(path, tmp_link)
     os.replace(tmp_link, latest)
-    old = sorted(ckpt_dir.glob("step_*.pt"))[:-keep] if keep > 0 else []
+    fsync_dir(latest.parent)
+    old = rd.step_checkpoints()[:-keep] if keep > 0 else []
     for p in old:
         p.unlink(missing_ok=True)
     return path
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
-    """``resume``: "auto" (the run's latest checkpoint, if any), "none", or a path."""
+    """The checkpoint ``resume`` continues: "auto" (the run's latest, if any), "extend" (the
+    run's latest, which must exist), "none", or a path (see :mod:`loco.resume`)."""
     if resume == "none":
         return None
-    if resume == "auto":
-        latest = run_dir / LATEST
+    if resume in ("auto", "extend"):
+        latest = RunDir(run_dir).checkpoint
+        if resume == "extend" and not latest.is_file():
+            raise LocoError(f"train.resume=extend: {latest} does not exist; nothing to extend")
         return latest if latest.is_file() else None
     path = Path(resume)
     if not path.is_file():
         raise LocoError(
-            f"train.resume={resume}: no such checkpoint; use auto, none or an existing file"
+            f"train.resume={resume}: no such checkpoint; use auto, none, extend, "
+            "weights:PATH or an existing file"
         )
     return path
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's dict; ``mmap``: tensors are read lazily (cheap when only the config
+    and meta are wanted)."""
     path = Path(path)
     if not path.is_file():
         raise LocoError(f"checkpoint '{path}' not found; pass a run's checkpoint.pt")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated, not a torch file, or pickled code
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         reason = next(
@@ -136,9 +171,15 @@ def backbone_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load into a timm model; ignore classifier keys; list mismatches in one clear error."""
+    """Load into a timm model; list mismatches in one clear error.
+
+    Keys of modules the backbone has replaced by ``nn.Identity`` are ignored: timm's classifier
+    (``num_classes=0``) and its post-pooling head (ConvNeXt's ``head.norm``, MobileNetV3's
+    ``conv_head``; see :func:`loco.models.backbone.build_backbone`), which a timm or older loco
+    checkpoint may hold. Every other key must match.
+    """
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.", "classifier."))}
+    state = {k: v for k, v in state.items() if k in own or not _of_removed_module(model, k)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -159,3 +200,16 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], sour
             "check model.backbone / model.small_image match the pretraining config"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _of_removed_module(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to a module that ``model`` holds as ``nn.Identity``."""
+    path = key.rpartition(".")[0]
+    while path:
+        try:
+            if isinstance(model.get_submodule(path), nn.Identity):
+                return True
+        except AttributeError:
+            pass
+        path = path.rpartition(".")[0]
+    return False

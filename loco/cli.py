@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("loco.bench", "FLOPs, activation memory and throughput of each method vs e2e"),
     "submit": ("loco.launch.submit", "submit pretrain/eval/transfer to Slurm with submitit"),
     "jobs": ("loco.launch.jobs", "state, last step and log tail of submitted jobs"),
-    "transfer": ("loco.transfer_cli", "Detectron2 Mask R-CNN transfer (train | eval | subsample)"),
+    "transfer": ("loco.transfer.cli", "Detectron2 Mask R-CNN transfer (train | eval | subsample)"),
     "data": ("loco.data.cli", "prepare the shipped datasets and check an ImageFolder tree"),
 }
 

@@ -123,7 +123,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500  # steps; a checkpoint is also written at each epoch end
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | none | path to a checkpoint
+    resume: str = "auto"  # auto | none | extend | weights:PATH | a checkpoint (loco/resume.py)
     progress: bool = True
     # activation recomputation: "none" | "stage1" | "all" | a plan such as "S1=3;S2=1" (module
     # k recomputes its first n segments: stem or residual blocks); `loco bench --recompute

@@ -8,11 +8,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import random
 import re
 import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -193,3 +196,41 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_to_main(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 (picklable objects; [] elsewhere)."""
+    if not _initialized():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def rank_codes(code: int) -> list[int]:
+    """Every rank's ``code`` (0 = all well), on every rank: one tiny all-reduce, so that all
+    ranks stop at the same step when one of them fails (a non-finite loss, a lost run lock)."""
+    if not _initialized():
+        return [code]
+    on_gpu = dist.get_backend() == "nccl"
+    device = f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu"
+    t = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    t[dist.get_rank()] = code
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def seed_per_rank(seed: int, rank: int) -> None:
+    """Give rank ``rank`` its own random streams once the (identical) weights are built, so
+    stochastic layers (drop_path, dropout) draw differently on each rank. Rank 0 keeps the
+    stream it built the model with, so a one-process run does not change."""
+    if rank == 0:
+        return
+    s = (seed * 1_000_003 + rank) % 2**63
+    torch.manual_seed(s)  # CPU and every CUDA device
+    np.random.seed(s % 2**32)
+    random.seed(s)

@@ -8,9 +8,16 @@ in public SimCLR code; here positives are found by global index).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import ParamSpec
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+P = ParamSpec("P")
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -51,6 +58,23 @@ def _upcast(z: torch.Tensor) -> torch.Tensor:
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
+def _full_precision(loss: Callable[P, torch.Tensor]) -> Callable[P, torch.Tensor]:
+    """Run ``loss`` with autocast off: upcasting ``z`` alone is not enough, because inside
+    ``torch.autocast`` the matmul (and normalisation) would run in bf16 again, rounding
+    logits up to 1/T in steps of 0.03-0.06. The decoders before it stay in autocast."""
+
+    @functools.wraps(loss)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> torch.Tensor:
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cuda", "cpu"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return loss(*args, **kwargs)
+
+    return wrapped
+
+
+@_full_precision
 def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
     """SimCLR's NT-Xent loss for ``z = [z1; z2]`` (shape [2B, D]).
 
@@ -70,6 +94,7 @@ def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.T
     return F.cross_entropy(logits, positives)
 
 
+@_full_precision
 def supcon(
     z: torch.Tensor, labels: torch.Tensor, temperature: float, gather: bool = True
 ) -> torch.Tensor:
@@ -94,6 +119,7 @@ def supcon(
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
 
 
+@_full_precision
 def reconstruction_bce(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """InfoPro's reconstruction loss: BCE between sigmoid(logits) and the image in [0, 1]."""
     return F.binary_cross_entropy_with_logits(_upcast(logits), images.to(_upcast(logits).dtype))

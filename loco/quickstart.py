@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loco.config import dump_yaml, load_config
+from loco.rundir import RunDir
 
 log = logging.getLogger("loco.quickstart")
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run_dir = pretrain(cfg)
     t_pre = time.perf_counter() - t0
-    ckpt = run_dir / "checkpoint.pt"
+    ckpt = RunDir(run_dir).checkpoint
     rows: list[dict[str, Any]] = []
     for name, path in (("random init", None), (f"{cfg.method.name} pretrained", ckpt)):
         log.info("evaluating %s", name)
@@ -132,5 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )
     (Path(run_dir) / "quickstart.md").write_text(text)
     print("\n" + text)
-    print(f"results: {run_dir}/eval/results.json, {run_dir}/eval_random_init/results.json")
+    print(
+        f"results: {RunDir(run_dir / 'eval').results}, {RunDir(run_dir / 'eval_random_init').results}"
+    )
     return 0

@@ -16,7 +16,6 @@ import math
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from loco import checkpoint as ckpt
-from loco.config import Config, config_from_dict, dump_yaml, load_config
+from loco import resume
+from loco.config import Config, dump_yaml, load_config
 from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
 from loco.distributed import (
     DistInfo,
@@ -35,7 +35,10 @@ from loco.distributed import (
     average_gradients,
     barrier,
     broadcast_parameters,
+    gather_to_main,
     init_distributed,
+    rank_codes,
+    seed_per_rank,
 )
 from loco.errors import LocoError
 from loco.methods import Method, build_method
@@ -43,10 +46,10 @@ from loco.models.backbone import build_backbone
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
 from loco.plans import parse_recompute_plan, parse_split
+from loco.rundir import RunDir, git_revision
+from loco.runlock import RunLock
 
 log = logging.getLogger("loco.train")
-
-COMPARED_ON_RESUME = ("model", "method", "decoder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,29 +94,6 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def git_revision() -> str:
-    """HEAD's short hash, ``-dirty`` when code or configs differ from it (docs do not count:
-    writing a results page must not mark the runs behind it dirty)."""
-
-    def git(*args: str) -> str:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip()
-
-    try:
-        rev = git("rev-parse", "--short", "HEAD")
-        if not rev:
-            return "unknown"
-        changed = git(
-            "status", "--porcelain", "--untracked-files=no", "--", ":/loco", ":/tools", ":/configs"
-        )
-        return f"{rev}-dirty" if changed else rev
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -168,22 +148,23 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                pass
+        self.path = RunDir(run_dir).metrics
+        self.tb_dir = RunDir(run_dir).tensorboard
+        self.tb: Any = None  # opened at the first write: nothing is written before the run lock
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self.tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.tb_dir))
+            except ImportError:
+                self.tb = False
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tb is not None:
+        if self.tb:
             for k, v in values.items():
                 if isinstance(v, int | float):
                     self.tb.add_scalar(k, v, step)
@@ -202,8 +183,9 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def close(self) -> None:
-        if self.tb is not None:
+        if self.tb:
             self.tb.close()
+        self.tb = None
 
 
 class Pretrainer:
@@ -227,16 +209,19 @@ class Pretrainer:
         self.steps_per_epoch = steps_per_epoch(self.loader)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
-        # a balanced split resumes with the cuts it chose (kept in meta, not in the config)
-        resume = ckpt.find_resume(self.run_dir, cfg.train.resume)
-        balanced = resume and parse_split(cfg.model.split).kind == "balanced"
-        cuts = ckpt.load(resume)["meta"].get("split_cuts") if balanced else None
+        cuts = None  # a balanced split goes on with the cuts it chose (meta, not config)
+        if parse_split(cfg.model.split).kind == "balanced":
+            src = resume.weights_source(cfg) or ckpt.find_resume(self.run_dir, cfg.train.resume)
+            cuts = ckpt.load(src, mmap=True)["meta"].get("split_cuts") if src else None
         backbone = build_backbone(cfg.model, cfg.data.image_size, cuts=cuts)
         backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
         self.method: Method = build_method(backbone, cfg).to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         broadcast_parameters(self.method)
+        # identical weights everywhere; from here on each rank draws its own randomness
+        # (stochastic depth, dropout), and a checkpoint keeps every rank's generators
+        seed_per_rank(cfg.train.seed, self.info.rank)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.info.world_size)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch
@@ -253,6 +238,7 @@ class Pretrainer:
         )
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.step = 0
+        self.lock: RunLock | None = None  # held by rank 0 while fit() runs
         self.metrics = MetricsWriter(self.run_dir, self.info.is_main)
         self.skipped_images: list[str] = []
         self.skipped_count = 0
@@ -260,7 +246,9 @@ class Pretrainer:
             self.method.backbone.compile_units()
 
     # -- state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The checkpoint; ``rngs``: every rank's generator states, rank 0 first."""
+        rngs = rngs or [ckpt.rng_state()]
         return {
             "method": self.method.state_dict(),
             "backbone": self.method.backbone.body.state_dict(),
@@ -268,7 +256,8 @@ class Pretrainer:
             "scheduler": self.scheduler.state_dict(),
             "probe": self.probe.state_dict() if self.probe else None,
             "step": self.step,
-            "rng": ckpt.rng_state(),
+            "rng": rngs[0],  # rank 0's (what checkpoints before per-rank states held)
+            "rng_per_rank": rngs,
             "config": self.cfg.to_dict(),
             "meta": {
                 "backbone": self.cfg.model.backbone,
@@ -282,39 +271,54 @@ class Pretrainer:
         }
 
     def save(self) -> None:
+        rngs = gather_to_main(ckpt.rng_state())
         if self.info.is_main:
             path = ckpt.save_run_checkpoint(
-                self.run_dir, self.state_dict(), self.step, self.cfg.train.keep_checkpoints
+                self.run_dir, self.state_dict(rngs), self.step, self.cfg.train.keep_checkpoints
             )
             log.info("checkpoint: %s (step %d)", path, self.step)
         barrier()
 
     def maybe_resume(self) -> None:
+        """Continue the run's checkpoint (``train.resume``: auto, extend or a path) or start
+        from another run's weights (``weights:PATH``); the rules are in :mod:`loco.resume`."""
+        weights = resume.weights_source(self.cfg)
+        if weights is not None:
+            self.load_weights(weights)
+            return
         path = ckpt.find_resume(self.run_dir, self.cfg.train.resume)
         if path is None:
             return
         state = ckpt.load(path)
-        old = config_from_dict(state.get("config", {}))
-        for section in COMPARED_ON_RESUME:
-            if getattr(old, section) != getattr(self.cfg, section):
-                raise LocoError(
-                    f"checkpoint {path} was made with a different '{section}' config; "
-                    f"use a new train.output_dir or train.resume=none"
-                )
-        try:
-            self.method.load_state_dict(state["method"])
-        except RuntimeError as exc:
-            raise LocoError(
-                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
-            ) from None
+        extend = self.cfg.train.resume == "extend"
+        resume.check(path, state, self.cfg, self.info.world_size, "extend" if extend else "exact")
+        self.load_method(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if not extend:  # extend: keep the schedule built for the new horizon
+            self.scheduler.load_state_dict(state["scheduler"])
         if self.probe and state.get("probe"):
             self.probe.load_state_dict(state["probe"])
         self.step = int(state["step"])
-        ckpt.set_rng_state(state["rng"])
+        rngs = state.get("rng_per_rank") or [state["rng"]]  # older checkpoints: rank 0's only
+        if self.info.rank < len(rngs):
+            ckpt.set_rng_state(rngs[self.info.rank])
         self.metrics.truncate_after(self.step)
         log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
+
+    def load_weights(self, path: Path) -> None:
+        """``train.resume=weights:PATH``: a new run from the weights of PATH (step 0, fresh
+        optimizer and schedule), in a run dir of its own."""
+        state = ckpt.load(path)
+        self.load_method(path, state)
+        log.info("new schedule from the weights of %s (its step %s)", path, state.get("step"))
+
+    def load_method(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            self.method.load_state_dict(state["method"])
+        except (RuntimeError, KeyError) as exc:
+            raise LocoError(
+                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
+            ) from None
 
     # -- loop -------------------------------------------------------------------------
     def batches(self):
@@ -339,21 +343,42 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_for(self.cfg, self.device):
             out = self.method.training_step(views, labels)
+        values = {k: float(v) for k, v in out.losses.items()}
+        self.check_health(values)
         average_gradients(self.params)
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
-        values = {k: float(v) for k, v in out.losses.items()}
         if self.probe is not None:
             values.update(self.probe.step(out.features, labels.repeat(len(views))))
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         return values
 
     def fit(self) -> Path:
+        """Train (or resume) under the run lock: no other run writes into this run dir."""
+        self.lock = self.take_lock()
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def take_lock(self) -> RunLock | None:
+        """Rank 0 takes the run lock for the whole job; every rank learns the outcome."""
+        lock, error = None, None
+        if self.info.is_main:
+            try:
+                lock = RunLock(RunDir(self.run_dir).lock).acquire()
+            except LocoError as exc:
+                error = exc
+        if any_rank(error is not None):
+            raise error or LocoError(f"run dir {self.run_dir} is in use (see rank 0's error)")
+        return lock
+
+    def _fit(self) -> Path:
         cfg = self.cfg
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             log.info("loco %s | git %s | run dir %s", cfg.method.name, git_revision(), self.run_dir)
             log.info("resolved config:\n%s", dump_yaml(cfg))
             log.info(
@@ -363,6 +388,8 @@ class Pretrainer:
                 self.method.backbone.describe(),
             )
         self.maybe_resume()
+        if self.info.is_main:  # after the resume check: a refused resume leaves it as it was
+            RunDir(self.run_dir).config.write_text(dump_yaml(cfg))
         if self.step >= self.total_steps:
             log.info("already finished (%d steps)", self.step)
             return self.run_dir
@@ -383,8 +410,6 @@ class Pretrainer:
                 values = self.train_step(batch)
                 self.step += 1
                 bar.update(1)
-                if not all(math.isfinite(v) for v in values.values()):
-                    self.save_failure(values)
                 monitored = self.knn_monitor is not None and self.step % cfg.monitor.knn_every == 0
                 if monitored:
                     values.update(self.knn_monitor(self.method.backbone))
@@ -445,11 +470,24 @@ class Pretrainer:
         self.metrics.close()
         return self.run_dir
 
-    def save_failure(self, values: dict[str, float]) -> None:
-        raise LocoError(
-            f"non-finite loss at step {self.step} ({values}); lower optim.base_lr or raise "
-            "method.temperature, then resume from the last checkpoint"
-        )
+    def check_health(self, losses: dict[str, float]) -> None:
+        """Before the optimizer step, all ranks agree whether to go on: a non-finite loss on
+        any rank, or a run lock taken over by another run, stops every rank at this step,
+        leaving the last good checkpoint as it is."""
+        lost = self.lock.lost if self.lock is not None else None
+        finite = all(math.isfinite(v) for v in losses.values())
+        codes = rank_codes((0 if finite else 1) | (2 if lost else 0))
+        step = self.step + 1
+        if any(c & 2 for c in codes):
+            raise LocoError(f"stopped at step {step}: {lost or 'rank 0 lost the run lock'}")
+        bad = [r for r, c in enumerate(codes) if c & 1]
+        if bad:
+            where = f" on rank {', '.join(map(str, bad))}" if len(codes) > 1 else ""
+            raise LocoError(
+                f"non-finite loss at step {step}{where} (this rank: {losses}); the last good "
+                f"checkpoint {RunDir(self.run_dir).checkpoint} is kept; lower optim.base_lr "
+                "or raise method.temperature, then resume from it"
+            )
 
 
 def pretrain(cfg: Config) -> Path:

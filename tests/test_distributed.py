@@ -99,3 +99,64 @@ def test_gather_handles_uneven_batches(tmp_path):
         assert gathered[:, 0].tolist() == [0.0, 1.0, 1.0]
         assert start == rank  # rank 1's rows start after rank 0's single row
         assert torch.all(grad == 3.0)  # d/dx of sum over ranks of (rank+1) * sum(gathered)
+
+
+def _pretrain_worker(rank: int, init_file: str, root: str, run: str, out: dict) -> None:
+    """Rank 1's loss turns NaN at step 3 (checkpoints every 2 steps); then both ranks resume."""
+    from test_train import tiny_cfg
+    from timm.layers import drop_path
+
+    from loco.errors import LocoError
+    from loco.train import Pretrainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=W)
+    cfg = tiny_cfg(root, run, "optim.max_steps=4", "train.ckpt_every=2", "optim.batch_size=4")
+    trainer = Pretrainer(cfg)
+    weights = torch.cat([p.detach().flatten() for p in trainer.method.parameters()])
+    draws = drop_path(torch.ones(64, 1, 1, 1), 0.5, training=True).flatten()
+    original = trainer.method.training_step
+
+    def nan_on_rank_1(views, labels):
+        result = original(views, labels)
+        if rank == 1 and trainer.step == 2:  # the 3rd step
+            key = next(iter(result.losses))
+            result.losses[key] = torch.tensor(float("nan"))
+        return result
+
+    trainer.method.training_step = nan_on_rank_1
+    try:
+        trainer.fit()
+        error = None
+    except LocoError as exc:
+        error = str(exc)
+    again = Pretrainer(cfg)  # train.resume=auto: each rank gets its own generators back
+    again.maybe_resume()
+    out[rank] = (weights, draws, error, again.step, torch.get_rng_state())
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_draw_apart_stop_together_and_resume_their_own_rng(cifar_val_root, tmp_path):
+    from loco import checkpoint as ckpt
+    from loco.rundir import RunDir
+
+    run = tmp_path / "run"
+    args = (str(tmp_path / "init"), str(cifar_val_root), str(run))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_pretrain_worker, args=(*args, out), nprocs=W, join=True)
+        results = dict(out)
+    (w0, d0, e0, s0, rng0), (w1, d1, e1, s1, rng1) = results[0], results[1]
+    assert torch.equal(w0, w1)  # identical initial weights
+    assert not torch.equal(d0, d1)  # but each rank drops different paths
+    for error in (e0, e1):  # one clear error, at the same step, on every rank
+        assert error is not None and "\n" not in error
+        assert "non-finite loss at step 3 on rank 1" in error and "is kept" in error
+    state = ckpt.load(RunDir(run).checkpoint)
+    assert state["step"] == 2  # the last good checkpoint
+    saved = [r["torch"] for r in state["rng_per_rank"]]
+    assert not torch.equal(saved[0], saved[1])
+    assert (s0, s1) == (2, 2)
+    assert torch.equal(rng0, saved[0]) and torch.equal(rng1, saved[1])
+    assert not RunDir(run).lock.exists()  # rank 0 held it and released it on the error

@@ -101,3 +101,20 @@ def test_balanced_cuts_are_kept_in_checkpoint_meta(cifar_val_root, tmp_path):
     measured = build_backbone(cfg.model, cfg.data.image_size).cuts
     assert state["meta"]["split_cuts"] == measured and len(measured) == 2
     assert state["config"]["model"]["split"] == "balanced:3"  # the config stays as written
+
+
+def test_resume_takes_the_checkpoints_cuts(cifar_val_root, tmp_path):
+    """A resumed balanced run splits where its checkpoint says, not where a new measurement
+    would (the measurement could change with the code or torch)."""
+    from loco.train import Pretrainer
+    from tests.test_train import tiny_cfg
+
+    cfg = tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=1", "model.split=balanced:3")
+    run_dir = pretrain(cfg)
+    path = run_dir / "checkpoint.pt"
+    state = ckpt.load(path)
+    measured = state["meta"]["split_cuts"]
+    other = [1, 2] if measured != [1, 2] else [2, 3]
+    state["meta"]["split_cuts"] = other
+    ckpt.atomic_save(state, path.resolve())
+    assert Pretrainer(cfg).method.backbone.cuts == other

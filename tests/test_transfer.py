@@ -376,7 +376,7 @@ def test_frozen_backbone_weights_and_bn_statistics_unchanged(half_r18, four_trai
 
 
 @needs_d2
-def test_train_then_eval_end_to_end_cli(half_r18, four_train, coco128, tmp_path, capsys):
+def test_train_then_eval_end_to_end_cli(half_r18, four_train, coco128, tmp_path, capsys, caplog):
     """`loco transfer train` (paper's frozen setting, tiny) on real COCO images, COCOEvaluator
     bbox + segm AP into results.json; `loco transfer eval` of the run gives the same AP;
     `loco report` shows the rows."""
@@ -412,12 +412,16 @@ def test_train_then_eval_end_to_end_cli(half_r18, four_train, coco128, tmp_path,
         *common,
         *opts,
     ]
-    assert main(argv) == 0
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert "No checkpoint found" not in caplog.text  # ours says where each part comes from
+    assert "FPN and heads initialised at random" in caplog.text
     rows = {r["protocol"]: r for r in read_results(out)}
     assert set(rows) == {"maskrcnn-bbox", "maskrcnn-segm"}
     for row in rows.values():
         assert {"ap", "ap50", "ap75", "aps", "apm", "apl"} <= set(row)
-        assert row["top1"] == row["ap"] and row["top5"] == row["ap50"] and 0 <= row["ap"] <= 100
+        assert "top1" not in row and "top5" not in row  # detection metrics have their own names
+        assert 0 <= row["ap"] <= 100
         assert (row["method"], row["backbone"], row["n_train"], row["n_val"]) == (
             "loco",
             "resnet18",
@@ -445,6 +449,7 @@ def test_train_then_eval_end_to_end_cli(half_r18, four_train, coco128, tmp_path,
     assert main(["report", str(out)]) == 0
     table = capsys.readouterr().out
     assert "maskrcnn-bbox" in table and "maskrcnn-segm" in table
+    assert "| AP | AP50 | AP75 | APs | APm | APl |" in table and "top-1" not in table
 
 
 @needs_d2
@@ -563,3 +568,191 @@ def test_convert_round_trip_resnet50(tmp_path: Path, capsys):
             torch.testing.assert_close(
                 out[name], ref, rtol=1e-4, atol=1e-5 * scale, msg=(fmt, name)
             )
+
+
+# -- errors a user meets: missing data, weights of another model, strides, no detections --
+@needs_d2
+def test_missing_coco_fails_in_one_line_before_anything_is_built(half_r18, tmp_path, monkeypatch):
+    """The paper's config without COCO on disk: one line naming the files it looked for and
+    the two ways to point elsewhere, raised before the checkpoint is read or the model built
+    (a checkpoint path that does not exist would otherwise be the error)."""
+    from loco.cli import main
+    from loco.transfer.train import setup_cfg
+
+    monkeypatch.chdir(tmp_path)  # Detectron2's builtin COCO paths are datasets/coco/...
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    with pytest.raises(LocoError) as err:
+        setup_cfg("mask_rcnn_R50_FPN_1x_frozen", str(tmp_path / "not_read.pt"))
+    msg = str(err.value)
+    assert "\n" not in msg and "coco_2017_train" in msg
+    assert str(tmp_path / "datasets/coco/annotations/instances_train2017.json") in msg
+    assert "DETECTRON2_DATASETS" in msg and "--train-json" in msg
+    # evaluation needs only the val set: the error names that one
+    with pytest.raises(LocoError, match=r"coco_2017_val.*--val-json"):
+        setup_cfg("mask_rcnn_R50_FPN_1x_frozen", str(half_r18), train=False)
+    argv = ["transfer", "train", "--config", "mask_rcnn_R50_FPN_1x_frozen"]
+    assert main([*argv, "--checkpoint", str(half_r18), "--output-dir", str(tmp_path)]) == 2
+
+
+@pytest.fixture(scope="session")
+def val4(coco128: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """``--val-json/--val-images`` of 4 real val2017 images."""
+    from loco.transfer.datasets import subsample_coco
+
+    val = tmp_path_factory.mktemp("val4") / "val4.json"
+    subsample_coco(coco128 / "annotations/instances_val2017.json", val, 4, seed=0)
+    return ["--val-json", str(val), "--val-images", str(coco128 / "images/val2017")]
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(half_r18: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Detectron2 weights (``model_final.pth`` layout) of the untrained tiny_cpu Mask R-CNN
+    on ``half_r18``."""
+    from loco.transfer.train import LocoTrainer, setup_cfg
+
+    model = LocoTrainer.build_model(setup_cfg("tiny_cpu", str(half_r18), kv(FAST)))
+    path = tmp_path_factory.mktemp("weights") / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 0}, path)
+    return path
+
+
+@needs_d2
+def test_eval_refuses_weights_of_another_backbone(tiny_weights, val4, tmp_path, capsys):
+    """Weights trained on a half-width ResNet-18, evaluated on a quarter-width one: an error
+    naming backbone keys, not a warning and results from partly random weights."""
+    quarter = save_checkpoint(tmp_path / "quarter.pt", kwargs={"channels": [16, 32, 64, 128]})
+    out = tmp_path / "eval"
+    argv = ["transfer", "eval", "--config", "tiny_cpu", "--checkpoint", str(quarter)]
+    argv += ["--weights", str(tiny_weights), "--output-dir", str(out), *val4, *kv(FAST)]
+    from loco.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another shape" in err, err
+    assert "backbone.bottom_up.staged.body." in err and "--checkpoint" in err
+    assert not (out / "results.json").exists()
+
+
+@needs_d2
+def test_no_detections_is_null_with_a_note_everywhere(
+    tiny_weights, half_r18, val4, tmp_path, capsys
+):
+    """A model that detects nothing (score threshold 1): one row per task, each metric null
+    with the reason, strict JSON; the console line and `loco report` show the same."""
+    from loco.cli import main
+
+    missing = "n/a"  # loco.eval.results.MISSING
+    out = tmp_path / "eval"
+    argv = ["transfer", "eval", "--config", "tiny_cpu", "--checkpoint", str(half_r18)]
+    argv += ["--weights", str(tiny_weights), "--output-dir", str(out), *val4]
+    argv += kv(FAST, {"MODEL.ROI_HEADS.SCORE_THRESH_TEST": "1.0"})
+    assert main(argv) == 0
+
+    def no_nan(token: str):
+        raise AssertionError(f"results.json holds {token}, which is not JSON")
+
+    rows = json.loads((out / "results.json").read_text(), parse_constant=no_nan)
+    assert sorted(r["protocol"] for r in rows) == ["maskrcnn-bbox", "maskrcnn-segm"]
+    metrics = ("ap", "ap50", "ap75", "aps", "apm", "apl")
+    for row in rows:
+        assert all(row[k] is None for k in metrics), row
+        assert set(row["notes"]) == set(metrics)
+        assert set(row["notes"].values()) == {"the model detected nothing on the val set"}
+    stdout = capsys.readouterr().out
+    printed = [line for line in stdout.splitlines() if "maskrcnn-" in line]
+    assert len(printed) == 2, stdout
+    for line in printed:
+        assert f"AP {missing}" in line and "detected nothing" in line and "nan" not in line
+    assert main(["report", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert report.count(f"| {missing} |") >= 2 and "detected nothing" in report
+    assert "nan" not in report.lower()
+
+
+def test_detection_rows_schema_notes_and_old_files(tmp_path: Path, capsys):
+    """Detection rows hold ap..apl (no top1/top5); a NaN is stored null and needs a note;
+    a results.json written before (AP in top1) still reads and reports as detection."""
+    from loco.cli import main
+    from loco.eval.results import make_row, read_results, write_results
+
+    base = dict(method="loco", backbone="resnet18", stage=4, protocol="maskrcnn-bbox")
+    base.update(dataset="d", checkpoint="c", n_train=4, n_val=4)
+    nan = float("nan")
+    with pytest.raises(ValueError, match="no note for aps"):
+        make_row(**base, ap=1.0, ap50=2.0, ap75=0.5, aps=nan, apm=1.0, apl=2.0)
+    row = make_row(
+        **base, ap=1.0, ap50=2.0, ap75=0.5, aps=nan, apm=1.0, apl=2.0, notes={"aps": "why"}
+    )
+    assert row["aps"] is None and row["notes"] == {"aps": "why"} and "top1" not in row
+    old = {**base, "top1": 12.5, "top5": 30.0, "ap": 12.5, "ap50": 30.0, "ap75": 10.0}
+    old.update(aps=1.0, apm=2.0, apl=3.0, metric_names={"top1": "AP", "top5": "AP50"})
+    (tmp_path / "results.json").write_text(json.dumps([old]))
+    (legacy,) = read_results(tmp_path)
+    assert "top1" not in legacy and legacy["ap"] == 12.5
+    write_results(tmp_path, [row])  # same identity: replaces the old row
+    assert read_results(tmp_path) == [row]
+    (tmp_path / "results.json").write_text(json.dumps([old]))
+    assert main(["report", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| 12.50 | 30.00 | 10.00 | 1.00 | 2.00 | 3.00 |" in table
+
+
+def test_coco_nan_becomes_null_with_the_reason():
+    """COCOEvaluator's NaN: all six (no detection) or one size range (no such object)."""
+    pytest.importorskip("detectron2")
+    from loco.transfer.train import metrics_and_notes
+
+    nan = float("nan")
+    values, notes = metrics_and_notes(
+        {"AP": 10.0, "AP50": 20.0, "AP75": 5.0, "APs": nan, "APm": 7.0, "APl": 12.0}
+    )
+    assert values == {"ap": 10.0, "ap50": 20.0, "ap75": 5.0, "aps": None, "apm": 7.0, "apl": 12.0}
+    assert notes == {"aps": "the val set has no small (< 32^2 px) object"}
+    values, notes = metrics_and_notes(
+        dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), nan)
+    )
+    assert set(values.values()) == {None} and len(set(notes.values())) == 1
+
+
+@needs_d2
+def test_strides_that_are_not_powers_of_two_are_refused():
+    """A stage that resizes by interpolation (here res3: 32 -> 30 px before its stride-2
+    conv, stride 8.53 at 128 px, 8.62 at 224) cannot feed Detectron2's FPN: one-line error.
+    The plain ResNet-18 is accepted with strides 4..32."""
+    from loco.config import ModelConfig
+    from loco.models.backbone import build_backbone
+    from loco.transfer.backbone import LocoBackbone
+
+    def resize(module, args):
+        (x,) = args
+        return torch.nn.functional.interpolate(x, scale_factor=15 / 16, mode="bilinear")
+
+    cfg = ModelConfig(backbone="resnet18", kwargs={"channels": [16, 32, 64, 128]})
+    plain = LocoBackbone(build_backbone(cfg, 128))
+    assert [s.stride for s in plain.output_shape().values()] == [4, 8, 16, 32]
+    staged = build_backbone(cfg, 128)
+    staged.body.layer2[0].register_forward_pre_hook(resize)  # the stage's first block
+    with pytest.raises(LocoError, match="not increasing powers of two") as err:
+        LocoBackbone(staged)
+    assert "8.62" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_convert_refuses_what_stock_detectron2_rejects(tmp_path: Path, capsys):
+    """A narrow ResNet-18 (res2 16 channels): stock Detectron2 asserts RES2_OUT_CHANNELS 64
+    for R18/R34, so the converter stops with one line pointing to the loco backbone instead
+    of printing a config Detectron2 rejects."""
+    narrow = save_checkpoint(tmp_path / "narrow.pt", kwargs={"channels": [16, 32, 64, 128]})
+    tool = _load_tool()
+    assert tool.main([str(narrow), str(tmp_path / "narrow.pkl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RES2_OUT_CHANNELS 64" in err, err
+    assert "loco transfer train --checkpoint" in err and not (tmp_path / "narrow.pkl").exists()
+    if HAVE_D2:  # the refusal matches Detectron2's own rule
+        from detectron2.config import get_cfg
+        from detectron2.layers import ShapeSpec
+        from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+        cfg = get_cfg()
+        cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 18, 16
+        with pytest.raises(AssertionError, match="RES2_OUT_CHANNELS = 64"):
+            build_resnet_backbone(cfg, ShapeSpec(channels=3))

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 from loco import checkpoint as ckpt  # noqa: E402
 from loco.config import Config, load_config  # noqa: E402
 from loco.errors import LocoError  # noqa: E402
-from loco.train import git_revision  # noqa: E402
+from loco.rundir import RunDir, git_revision  # noqa: E402
 
 log = logging.getLogger("compare")
 
@@ -223,7 +223,7 @@ def commands(args: argparse.Namespace, name: str, seed: int) -> list[str]:
     extra = " ".join(shlex.quote(o) for o in pretrain_overrides(args, name, seed))
     return [
         f"loco pretrain --config {_rel(config_path(args, name))} {extra}",
-        f"loco eval all --checkpoint {rd}/checkpoint.pt {eval_flags(args, seed)} --out {rd}/eval",
+        f"loco eval all --checkpoint {RunDir(rd).checkpoint} {eval_flags(args, seed)} --out {rd}/eval",
     ]
 
 
@@ -385,7 +385,7 @@ def is_done(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
         return done.is_file() and json.loads(done.read_text()).get("steps") == steps_of(
             args, name, seed
         )
-    step, want = checkpoint_step(rd / "checkpoint.pt"), steps_of(args, name, seed)
+    step, want = checkpoint_step(RunDir(rd).checkpoint), steps_of(args, name, seed)
     if step > want:
         raise LocoError(f"{rd} is at step {step}, past the {want} asked for; use another --out")
     return step == want
@@ -434,7 +434,7 @@ def run_job(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
             args.eval_val_per_class,
         )
     else:
-        evaluate_run(None, rd / "checkpoint.pt", rd / "eval", **common)
+        evaluate_run(None, RunDir(rd).checkpoint, rd / "eval", **common)
     done = {"eval_s": time.perf_counter() - t0, **extra}
     (rd / "eval" / "done.json").write_text(json.dumps(done, indent=1) + "\n")
 
@@ -442,7 +442,7 @@ def run_job(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
 # -- collecting what exists -----------------------------------------------------------------
 def train_seconds(rd: Path) -> float | None:
     """Training wall time from metrics.jsonl (img/s of every logged interval; survives resumes)."""
-    path, cfg_file = rd / "metrics.jsonl", rd / "config.yaml"
+    path, cfg_file = RunDir(rd).metrics, RunDir(rd).config
     if not path.is_file() or not cfg_file.is_file():
         return None
     batch = load_config(cfg_file).optim.batch_size
@@ -467,9 +467,9 @@ def collect_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
         rd = run_dir(args, name, seed)
         rec: dict[str, Any] = {}
         done = rd / "eval" / "done.json"
-        if done.is_file() and (rd / "eval" / "results.json").is_file():
+        if done.is_file() and RunDir(rd / "eval").results.is_file():
             rec.update(json.loads(done.read_text()))
-            for r in json.loads((rd / "eval" / "results.json").read_text()):
+            for r in json.loads(RunDir(rd / "eval").results.read_text()):
                 if r["protocol"] == "knn-dino" and r.get("k") == 20:
                     rec.setdefault("knn", {})[str(r["stage"])] = r["top1"]
                     rec["n_train"], rec["n_val"] = r["n_train"], r["n_val"]
@@ -482,7 +482,7 @@ def collect_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
         elif name != FLOOR and done.is_file():  # timings of finished runs only
             rec["train_s"] = train_seconds(rd)
             rec["steps"] = (
-                checkpoint_step(rd / "checkpoint.pt") if (rd / "checkpoint.pt").is_file() else None
+                checkpoint_step(RunDir(rd).checkpoint) if RunDir(rd).checkpoint.is_file() else None
             )
         if rec.get("train_s") and rec.get("steps"):
             rec["s_per_step"] = rec["train_s"] / rec["steps"]
@@ -627,7 +627,7 @@ def estimate(
     )
     rd = run_dir(args, name, seed)
     left = steps_of(args, name, seed) - (
-        0 if name == REFERENCE else checkpoint_step(rd / "checkpoint.pt")
+        0 if name == REFERENCE else checkpoint_step(RunDir(rd).checkpoint)
     )
     return rate * left
 

@@ -10,6 +10,11 @@ which ``DetectionCheckpointer`` loads from ``MODEL.WEIGHTS``. The config lines t
 need (``STRIDE_IN_1X1: False``, depth, input format and statistics) are printed; with
 ``--format BGR`` conv1's input channels are reversed so a BGR pipeline sees the same
 network. Needs no Detectron2.
+
+What converts: timm ResNet-50/101/152 at any width that doubles per stage, ResNet-18/34 at
+full width (stock Detectron2 builds R18/R34 only with ``RES2_OUT_CHANNELS: 64``). Anything
+else stops with one line pointing to the registered loco backbone (``loco transfer train
+--checkpoint CKPT``), which runs any timm CNN without conversion.
 """
 
 from __future__ import annotations

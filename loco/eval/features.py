@@ -47,6 +47,7 @@ from loco.errors import LocoError
 from loco.filelock import locked
 from loco.models.backbone import StagedBackbone, build_backbone
 from loco.models.heads import pool
+from loco.rundir import RunDir
 
 log = logging.getLogger("loco.eval.features")
 
@@ -68,8 +69,7 @@ class Source:
         """The run directory of a loco checkpoint (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
         if self.path is None:
             return None
-        parent = Path(self.path).resolve().parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        return RunDir.from_checkpoint(self.path).root
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:

@@ -1,8 +1,11 @@
 """``loco report RUN_DIRS...``: merge the ``results.json`` of several runs into one table.
 
-One line per (run, method, protocol, k/lr), one column per stage with top-1 (top-5),
-in markdown; ``--plot`` adds a PNG bar chart of top-1 per stage, one bar per method,
-one panel per protocol (matplotlib, Agg backend: no display needed).
+Classification rows (kNN, linear): one line per (run, method, protocol, k/lr), one column
+per stage with top-1 (top-5), in markdown. Detection rows (``loco transfer``): a second
+table, one line per (run, method, dataset, task) with the six COCO APs. A metric stored
+as null shows as ``n/a``, its note listed under the table. ``--plot`` adds a PNG bar
+chart of top-1 per stage, one bar per method, one panel per protocol (classification
+rows; matplotlib, Agg backend: no display needed).
 """
 
 from __future__ import annotations
@@ -13,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from loco.errors import LocoError
-from loco.eval.results import RESULTS, param_text, read_results
+from loco.eval.results import (
+    LABELS,
+    METRICS,
+    MISSING,
+    metric_family,
+    metric_text,
+    param_text,
+    read_results,
+)
+from loco.rundir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +47,7 @@ def load_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         path = Path(run)
-        label = path.parent.name if path.name == RESULTS else path.name
+        label = path.parent.name if path == RunDir(path.parent).results else path.name
         for r in read_results(path):
             rows.append({**r, "run": label})
     return rows
@@ -67,7 +79,46 @@ def _groups(rows: list[dict[str, Any]]) -> dict[tuple, dict[int, dict[str, Any]]
     return groups
 
 
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per distinct reason a shown metric is missing."""
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        for key, note in (r.get("notes") or {}).items():
+            where = f"{r['run']} {r['protocol']} {LABELS.get(key, key)}"
+            seen.setdefault(note, []).append(where)
+    return [f"{MISSING}: {note} ({', '.join(where)})" for note, where in seen.items()]
+
+
 def report_table(rows: list[dict[str, Any]]) -> str:
+    """The classification table, then the detection table, then notes on missing values."""
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_family.setdefault(metric_family(r), []).append(r)
+    parts = []
+    if "classification" in by_family:
+        parts.append(classification_table(by_family["classification"]))
+    if "detection" in by_family:
+        parts.append(detection_table(by_family["detection"]))
+    notes = _notes(rows)
+    return "\n\n".join(parts + (["\n".join(notes)] if notes else []))
+
+
+def detection_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: a line per (run, method, dataset, task) with AP, AP50 ... APl."""
+    keys = METRICS["detection"]
+    head = ["run", "method", "backbone", "dataset", "protocol", "setting", "iterations"]
+    head += [LABELS[k] for k in keys] + ["n_train"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["protocol"], r["run"], r["method"], r["dataset"])):
+        info = [r.get(k) for k in (*head[:5], "setting", "iterations")]
+        cells = ["" if v is None else str(v) for v in info]
+        n_train = r.get("n_train")  # None: an evaluation without the training set on disk
+        cells += [metric_text(r, k) for k in keys] + ["" if n_train is None else str(n_train)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def classification_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: a line per (run, method, protocol, k), a column per stage: top-1 (top-5).
 
     Linear rows list the chosen lr inside the cell, since each stage picks its own.
@@ -93,7 +144,7 @@ def report_table(rows: list[dict[str, Any]]) -> str:
             if r is None:
                 cells.append("")
                 continue
-            cell = f"{r['top1']:.2f} ({r['top5']:.2f})"
+            cell = f"{metric_text(r, 'top1')} ({metric_text(r, 'top5')})"
             if r.get("lr") is not None and r.get("k") is None:
                 cell += f" lr={r['lr']:g}"
             cells.append(cell)
@@ -112,7 +163,9 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _groups(rows)
+    groups = _groups([r for r in rows if metric_family(r) == "classification"])
+    if not groups:
+        raise LocoError("--plot draws top-1 of kNN/linear rows; these runs have none")
     protocols = sorted({(k[4], k[5]) for k in groups})
     ncols = min(3, len(protocols))
     nrows = -(-len(protocols) // ncols)
@@ -132,8 +185,9 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
             run, method = name
             label = method if len(runs_per_method[method]) == 1 else f"{method} ({run})"
             offset = (i - (len(present) - 1) / 2) * width
-            xs = [j + offset for j, s in enumerate(stages) if s in by_stage]
-            ys = [by_stage[s]["top1"] for s in stages if s in by_stage]
+            shown = [(j, by_stage[s]["top1"]) for j, s in enumerate(stages) if s in by_stage]
+            xs = [j + offset for j, top1 in shown if top1 is not None]  # null: no bar
+            ys = [top1 for _, top1 in shown if top1 is not None]
             ax.bar(xs, ys, width, label=label, color=colors(names.index(name) % 10))
         ax.set_xticks(range(len(stages)), [f"S{s}" for s in stages])
         ax.set_title(f"{protocol} {param}".strip())

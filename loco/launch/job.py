@@ -30,11 +30,12 @@ import os
 import shlex
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
+
+from loco.rundir import RunDir
 
 log = logging.getLogger("loco.launch")
 
@@ -111,9 +112,10 @@ class LocoJob(Checkpointable):
 
         cfg = config_from_dict(self.config)
         resuming = self.resume or restart_count() > 0
-        if resuming and (Path(cfg.train.output_dir) / "checkpoint.pt").is_file():
-            cfg.train.resume = "auto"
-            log.info("requeued run: resuming from %s/checkpoint.pt", cfg.train.output_dir)
+        latest = RunDir(cfg.train.output_dir).checkpoint
+        if resuming and latest.is_file() and cfg.train.resume != "extend":
+            cfg.train.resume = "auto"  # (extend: its first save may not have happened yet)
+            log.info("requeued run: resuming from %s", latest)
         self._usr2 = False
         previous = signal.signal(signal.SIGUSR2, self._on_usr2)
         try:

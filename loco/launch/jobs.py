@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from loco.errors import LocoError
+from loco.rundir import RunDir
 
-JOBS_FILE = Path("slurm") / "jobs.jsonl"
 DONE = (
     "COMPLETED",
     "FAILED",
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / JOBS_FILE
+    path = RunDir(run_dir).jobs
     if not path.is_file():
         raise LocoError(
             f"no Slurm jobs recorded in {run_dir} ({path} is missing); submit with `loco submit`"
@@ -110,7 +110,7 @@ def _array_ids(jid: str) -> list[str]:
 
 def last_step(run_dir: Path) -> dict[str, Any] | None:
     """The last line of ``metrics.jsonl`` (read from the end: the file can be large)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
     with open(path, "rb") as f:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     records = read_records(run_dir)
     if not records:
-        raise LocoError(f"{run_dir / JOBS_FILE} lists no jobs")
+        raise LocoError(f"{RunDir(run_dir).jobs} lists no jobs")
     states = sacct_states(list(dict.fromkeys(r["job_id"] for r in records)))
     if states is None:
         print("(no job states: sacct is missing or cannot reach Slurm's accounting)")

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from loco.errors import LocoError
+from loco.rundir import RunDir
 
 JOBS = ("pretrain", "eval", "transfer")
 PROFILE_ENV = "LOCO_SLURM_PROFILE"
@@ -377,8 +378,8 @@ def _output_dir(job: str, ns: argparse.Namespace) -> Path | None:
     for dest in ("out", "output_dir", "output"):
         if getattr(ns, dest, None):
             return Path(getattr(ns, dest))
-    if getattr(ns, "checkpoint", None):  # eval writes next to the checkpoint by default
-        return Path(ns.checkpoint).parent
+    if getattr(ns, "checkpoint", None):  # eval writes into the checkpoint's run by default
+        return RunDir.from_checkpoint(ns.checkpoint).root
     return None
 
 
@@ -513,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
     base, tasks = build_tasks(args.job, argv, points)
     array = len(tasks) if points != [{}] else 1
     job_name = opts.job_name or f"loco-{args.job}-{base.name}"[:64]
-    folder = Path(opts.folder).expanduser().resolve() if opts.folder else base / "slurm" / "%j"
+    folder = Path(opts.folder).expanduser().resolve() if opts.folder else RunDir(base).slurm / "%j"
     params = sbatch_parameters(opts, job_name, array)
     executor = make_executor(folder, opts, params, render_only=args.dry_run)
     from loco.launch.job import LocoJob
@@ -555,10 +556,10 @@ def run(args: argparse.Namespace) -> int:
                 "sweep": task.point,
             }
         )
-    _record(base / "slurm" / "jobs.jsonl", rows)
+    _record(RunDir(base).jobs, rows)
     if array > 1:
         for row in rows:
-            _record(Path(row["run_dir"]) / "slurm" / "jobs.jsonl", [row])
+            _record(RunDir(row["run_dir"]).jobs, [row])
     _print_submitted(args.job, opts, rows, base, array)
     return 0
 

@@ -60,7 +60,7 @@ class Method(nn.Module):
         """One decoder per local loss, keyed by module index (as a string)."""
         return nn.ModuleDict(
             {
-                str(k): ProjectionDecoder(self.backbone.channels[k], self.cfg.decoder)
+                str(k): ProjectionDecoder.for_module(self.backbone, k, self.cfg.decoder)
                 for k in modules
             }
         )

@@ -36,6 +36,9 @@ class Unit:
     path: str  # module path in the timm model (or VIT_EMBED)
     stage: int  # index of the timm feature stage it belongs to
     is_block: bool = True  # False for stem parts, which join the first block
+    trailing: bool = (
+        False  # after the last feature stage (a ViT's final norm): joins the last block
+    )
 
 
 class _ViTEmbed(nn.Module):
@@ -235,17 +238,16 @@ class StagedBackbone(nn.Module):
         return self.body.get_submodule(unit.path)
 
     def module_parameters(self, k: int) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for unit in self.groups[k]:
-            if unit.path == VIT_EMBED:
-                vit = self.body
-                params = [*vit.patch_embed.parameters(), *vit.norm_pre.parameters()]
-                params += [p for n, p in vit.named_parameters(recurse=False)]  # cls/pos tokens
-            else:
-                params = list(self.unit_module(unit).parameters())
-            for p in params:
-                seen.setdefault(id(p), p)
-        return [p for p in seen.values() if p.requires_grad]
+        """The trainable parameters of local module k: what every method and the reference
+        step update for it (from :func:`unit_parameters`, never from ``unit_module``)."""
+        return _unique([p for seg in self.segment_parameters(k) for p in seg])
+
+    def segment_parameters(self, k: int) -> list[list[nn.Parameter]]:
+        """The trainable parameters of each of module k's recomputation segments."""
+        return [
+            _unique([p for u in seg for p in unit_parameters(self.body, u)])
+            for seg in self.segments(k)
+        ]
 
     def segments(self, k: int) -> list[list[Unit]]:
         """Module k's units in recomputation segments: one per block, and one for each run of
@@ -256,7 +258,9 @@ class StagedBackbone(nn.Module):
     def _make_segments(units: list[Unit]) -> list[list[Unit]]:
         out: list[list[Unit]] = []
         for unit in units:
-            if not unit.is_block and out and not out[-1][-1].is_block:
+            if unit.trailing and out:  # a final norm alone would recompute nothing worth it
+                out[-1].append(unit)
+            elif not unit.is_block and out and not out[-1][-1].is_block:
                 out[-1].append(unit)
             else:
                 out.append([unit])
@@ -356,6 +360,7 @@ class ModuleGraph:
         n = backbone.recomputed_segments(k) if grad else 0
         self.x = x
         self.modules = [[backbone.unit_module(u) for u in seg] for seg in backbone.segments(k)]
+        self.params = backbone.segment_parameters(k)
         self.n_recomputed = n
         self.passes_left = passes
         self.inputs: list[torch.Tensor] = []  # input of each recomputed segment (kept)
@@ -371,13 +376,6 @@ class ModuleGraph:
             self.outputs.append(h if passes == 2 else None)
         self.top_input = h.detach().requires_grad_(True) if n else x
         self.output = _run_sequence([m for seg in self.modules[n:] for m in seg], self.top_input)
-
-    @staticmethod
-    def _params(segments: list[list[nn.Module]]) -> list[nn.Parameter]:
-        seen = {
-            id(p): p for seg in segments for m in seg for p in m.parameters() if p.requires_grad
-        }
-        return list(seen.values())
 
     def input_grad(self, cotangent: torch.Tensor) -> torch.Tensor:
         """First of two passes: the gradient of <output, cotangent> w.r.t. the module's input
@@ -403,7 +401,7 @@ class ModuleGraph:
             g = _backward(
                 self.output,
                 g,
-                self._params(self.modules[n:]),
+                _unique([p for seg in self.params[n:] for p in seg]),
                 self.top_input if n or want_x else None,
             )
         for j in reversed(range(n)):
@@ -411,10 +409,17 @@ class ModuleGraph:
             h_in = self.inputs[j]
             with self.rng[j].restored(), batchnorm_stats_kept(self.modules[j]):
                 out = _run_sequence(self.modules[j], h_in)
-            g = _backward(
-                out, g, self._params([self.modules[j]]), h_in if j > 0 or want_x else None
-            )
+            g = _backward(out, g, self.params[j], h_in if j > 0 or want_x else None)
         return g if want_x else None
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Trainable parameters, each once, in first-seen order."""
+    seen: dict[int, nn.Parameter] = {}
+    for p in params:
+        if p.requires_grad:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def _backward(
@@ -475,6 +480,76 @@ class _RngState:
             yield
 
 
+def _check_every_parameter_trained(model: nn.Module, units: list[Unit], name: str) -> None:
+    """A timm parameter that no local module lists would silently keep its initial value."""
+    listed = {id(p) for u in units for p in unit_parameters(model, u)}
+    orphans = [n for n, p in model.named_parameters() if id(p) not in listed]
+    if orphans:
+        few = ", ".join(orphans[:4]) + (f" (+{len(orphans) - 4} more)" if len(orphans) > 4 else "")
+        raise LocoError(
+            f"timm backbone '{name}': parameters {few} belong to no local module, so no method "
+            "would train them; this architecture is not supported (pick another timm model)"
+        )
+
+
+def unit_parameters(model: nn.Module, unit: Unit) -> list[nn.Parameter]:
+    """The timm parameters a unit runs with: the one place that says which parameters a local
+    module trains. A ViT's embedding pseudo-unit owns no module of its own, so its parameters
+    (patch embedding, ``norm_pre``, the class/position tokens held by the ViT itself) are
+    listed here; everything else is the unit module's ``parameters()``."""
+    if unit.path == VIT_EMBED:
+        return [
+            *model.patch_embed.parameters(),
+            *model.norm_pre.parameters(),
+            *model.parameters(recurse=False),  # cls_token, pos_embed, reg_token
+        ]
+    return list(model.get_submodule(unit.path).parameters())
+
+
+def _finish_units(
+    model: nn.Module, units: list[Unit], image_size: int
+) -> tuple[list[Unit], list[str]]:
+    """What timm runs around the feature stages, found by running ``forward_features`` once.
+
+    Returns the *trailing* units (modules that ``forward_features`` runs after the last
+    feature stage, e.g. a ViT's final ``norm`` or EfficientNet's ``conv_head``/``bn2``: they
+    join the last local module and are trained with it) and the *head* modules (modules whose
+    parameters ``forward_features`` never uses, e.g. ConvNeXt's ``head.norm`` and
+    MobileNetV3's ``conv_head``, which timm applies after global pooling: they are part of the
+    classifier head, which a backbone does not have, so the caller removes them).
+    """
+    ran: list[str] = []
+    hooks = [
+        mod.register_forward_pre_hook(lambda _m, _a, path=path: ran.append(path))
+        for path, mod in model.named_modules()
+        if path
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            out = model.forward_features(torch.zeros(1, 3, image_size, image_size))
+            out.float().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    model.zero_grad(set_to_none=True)
+
+    last = units[-1].path
+    end = max(i for i, path in enumerate(ran) if path == last or path.startswith(last + "."))
+    trailing: list[str] = []
+    for path in ran[end + 1 :]:
+        inside = any(path.startswith(t + ".") for t in trailing)
+        if not inside and path not in trailing:
+            if not isinstance(model.get_submodule(path), nn.Identity):
+                trailing.append(path)
+    stage = units[-1].stage
+    head = sorted({name.rpartition(".")[0] for name in unused} - set(ran) - {""})
+    return [Unit(path, stage, is_block=False, trailing=True) for path in trailing], head
+
+
 def build_backbone(
     cfg: ModelConfig, image_size: int, cuts: Sequence[int] | None = None
 ) -> StagedBackbone:
@@ -532,6 +607,11 @@ def build_backbone(
         )
     else:
         groups = resolve_split(units, cfg.split)
+    trailing, head = _finish_units(model, units, image_size)
+    for path in head:  # timm's post-pooling head: not part of a backbone (docs/methods.md)
+        model.set_submodule(path, nn.Identity())
+    groups[-1] = [*groups[-1], *trailing]
+    _check_every_parameter_trained(model, [u for g in groups for u in g], cfg.backbone)
     if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     backbone = StagedBackbone(model, groups, cfg.backbone, image_size)

@@ -9,6 +9,7 @@ missing Detectron2 into a one-line :class:`~loco.errors.LocoError` naming the in
 - :mod:`loco.transfer.train`: config setup, ``LocoTrainer``, ``train_main``/``eval_main``.
 - :mod:`loco.transfer.datasets`: COCO-format registration and seeded subsets (COCO-10K/1K).
 - :mod:`loco.transfer.convert`: loco ResNet checkpoint -> Detectron2 ``R-50`` ``.pkl``.
+- :mod:`loco.transfer.cli`: the ``loco transfer`` command (imports Detectron2 only to run).
 """
 
 from __future__ import annotations

@@ -47,7 +47,10 @@ from loco.models.backbone import StagedBackbone, build_backbone
 log = logging.getLogger(__name__)
 
 NORMS = ("FrozenBN", "BN", "SyncBN")
-PROBE_SIZE = 128  # input side used to measure each stage's stride and channels
+PROBE_SIZE = 128  # input side the staged backbone is built for
+# input sides at which each stage's stride is measured: multiples of 32 with different odd
+# factors, so a resizing stage (e.g. 224 -> 36 px) cannot pass as a power of two at both
+PROBE_SIZES = (128, 224)
 
 
 def add_loco_config(cfg: CfgNode) -> CfgNode:
@@ -155,12 +158,6 @@ class LocoBackbone(Backbone):
         super().__init__()
         self.staged = staged
         strides, channels = self._probe(staged)
-        bad = [s for s in strides if s < 2 or s & (s - 1)]
-        if bad or strides != sorted(set(strides)):
-            raise LocoError(
-                f"{staged.name}: stage strides {strides} are not increasing powers of two, "
-                "so they cannot feed an FPN; pick a CNN backbone (ResNet, ConvNeXt, RegNet, ...)"
-            )
         self.stage_names = [f"res{int(math.log2(s))}" for s in strides]
         missing = [f for f in out_features if f not in self.stage_names]
         if missing:
@@ -178,17 +175,42 @@ class LocoBackbone(Backbone):
 
     @staticmethod
     def _probe(staged: StagedBackbone) -> tuple[list[int], list[int]]:
+        """Each stage's (stride, channels), from its output size at :data:`PROBE_SIZES`.
+
+        Detectron2's FPN adds each level to the 2x upsampled level above, so every stride
+        must be an exact power of two, the same at every input size, increasing by stage.
+        """
+        ratios: list[list[float]] = []
+        was_training = staged.training
+        staged.eval()
         with torch.no_grad():
-            was_training = staged.training
-            staged.eval()
-            outs = staged(torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE))
-            staged.train(was_training)
-        if any(o.dim() != 4 for o in outs):
+            for size in PROBE_SIZES:
+                outs = staged(torch.zeros(1, 3, size, size))
+                if any(o.dim() != 4 for o in outs):
+                    staged.train(was_training)
+                    raise LocoError(
+                        f"{staged.name} produces tokens, not feature maps; Detectron2 transfer "
+                        "needs a convolutional backbone (ResNet, ConvNeXt, RegNet, ...)"
+                    )
+                ratios.append([size / o.shape[-1] for o in outs])
+        staged.train(was_training)
+        strides = [round(r) for r in ratios[0]]
+        exact = all(
+            r == s
+            for size, per_size in zip(PROBE_SIZES, ratios)
+            for r, s in zip(per_size, strides)
+            if size % s == 0  # a stride-64 stage is not exact at 224 px, and need not be
+        )
+        powers = all(s >= 2 and not s & (s - 1) for s in strides)
+        if not (exact and powers and strides == sorted(set(strides))):
+            shown = ", ".join(f"{r:.3g}" for r in ratios[-1])
             raise LocoError(
-                f"{staged.name} produces tokens, not feature maps; Detectron2 transfer needs a "
-                "convolutional backbone (ResNet, ConvNeXt, RegNet, EfficientNet, ...)"
+                f"{staged.name}: stage strides {shown} (input / feature-map side at "
+                f"{PROBE_SIZES[-1]} px) are not increasing powers of two, which Detectron2's "
+                "FPN needs, so this backbone cannot be used for transfer; pick a backbone with "
+                "strided stages (ResNet, ConvNeXt, RegNet, ...)"
             )
-        return [PROBE_SIZE // o.shape[-1] for o in outs], [o.shape[1] for o in outs]
+        return strides, [o.shape[1] for o in outs]
 
     @property
     def body(self) -> nn.Module:

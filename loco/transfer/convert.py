@@ -15,6 +15,11 @@ checkpoint's ``data.mean/std``: either keep ``INPUT.FORMAT: RGB`` with those sta
 (x255), or convert with ``input_format="BGR"``, which reverses conv1's input channels
 so that the stock BGR configs work with the same statistics listed in BGR order.
 
+Stock Detectron2 builds ResNet-50/101/152 at any width that doubles per stage, but
+ResNet-18/34 only at full width (``RES2_OUT_CHANNELS: 64``): anything else is refused here
+with a pointer to the registered loco backbone (``build_loco_fpn_backbone``), which runs
+any timm CNN.
+
 No Detectron2 import: the ``.pkl`` is plain numpy.
 """
 
@@ -120,14 +125,46 @@ def resnet_settings(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             f"ResNet with blocks {blocks} matches no Detectron2 depth (18/34/50/101/152)"
         )
     last = "conv3" if bottleneck else "conv2"
+    widths = [int(state[f"layer{i}.0.{last}.weight"].shape[0]) for i in range(1, 5)]
+    inner = [int(state[f"layer{i}.0.conv1.weight"].shape[0]) for i in range(1, 5)]
+    check_stock_detectron2(depth, widths, inner)
     return {
         "DEPTH": depth,
         "STEM_OUT_CHANNELS": int(state["conv1.weight"].shape[0]),
-        "RES2_OUT_CHANNELS": int(state[f"layer1.0.{last}.weight"].shape[0]),
-        "WIDTH_PER_GROUP": int(state["layer1.0.conv1.weight"].shape[0]),
+        "RES2_OUT_CHANNELS": widths[0],
+        "WIDTH_PER_GROUP": inner[0],
         "STRIDE_IN_1X1": False,
         "NORM": "FrozenBN",
     }
+
+
+def check_stock_detectron2(depth: int, widths: list[int], inner: list[int]) -> None:
+    """Refuse what stock Detectron2's ``build_resnet_backbone`` cannot build.
+
+    It builds ResNet-18/34 only with ``RES2_OUT_CHANNELS: 64`` (it asserts so), and every
+    depth with widths that double from stage to stage. So: ResNet-50/101/152 at any width
+    that doubles per stage (timm's default and its ``channels`` multiples do), ResNet-18/34
+    at full width only. The rest run as the registered loco backbone, which takes any timm CNN.
+    """
+    problem = None
+    if depth in (18, 34) and widths[0] != 64:
+        problem = (
+            f"res2 has {widths[0]} channels and stock Detectron2 builds ResNet-{depth} only "
+            "with RES2_OUT_CHANNELS 64"
+        )
+    elif any(w != widths[0] * 2**i for i, w in enumerate(widths)) or any(
+        c != inner[0] * 2**i for i, c in enumerate(inner)
+    ):
+        problem = (
+            f"stage widths {widths} (inner {inner}) do not double per stage as stock "
+            "Detectron2's ResNet requires"
+        )
+    if problem:
+        raise LocoError(
+            f"this ResNet-{depth} does not convert to stock Detectron2: {problem}; use the "
+            "registered loco backbone instead: loco transfer train --checkpoint CKPT (any "
+            "transfer/configs config, MODEL.BACKBONE.NAME build_loco_fpn_backbone)"
+        )
 
 
 def convert_checkpoint(

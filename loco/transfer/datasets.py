@@ -2,6 +2,7 @@
 
 - :func:`register_coco_json`: any COCO instances json + image folder, under a name derived
   from the json path (registering the same files twice returns the same name).
+- :func:`check_files`: the files a registered dataset reads exist (one-line error if not).
 - :func:`subsample_coco`: keep ``n`` images (and their annotations) of a COCO json, chosen
   with a seeded RNG among the images that have at least one annotation; categories and
   every other top-level entry are kept. ``coco_2017_train_10k`` and ``coco_2017_train_1k``
@@ -19,6 +20,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,35 @@ def register_coco_json(json_file: str | Path, image_root: str | Path, split: str
         log.info("dataset %s: %s (images %s)", name, json_file, image_root)
     MetadataCatalog.get(name)  # exists either way
     return name
+
+
+def check_files(names: Sequence[str], split: str) -> None:
+    """Every annotation file and image folder the datasets ``names`` read must exist.
+
+    Detectron2 would find out only when its data loader starts, after the model is built,
+    with a long traceback; this says in one line where it looked and how to point elsewhere.
+    ``split`` (``train`` or ``val``) names the matching ``--<split>-json`` option.
+    """
+    from detectron2.data import MetadataCatalog
+
+    for name in names:
+        meta = MetadataCatalog.get(name)
+        wanted = [meta.get("json_file"), meta.get("image_root")]
+        missing = [str(Path(p).resolve()) for p in wanted if p and not Path(p).exists()]
+        if not missing:
+            continue
+        root = os.getenv("DETECTRON2_DATASETS")
+        where = (
+            f"DETECTRON2_DATASETS={root}"
+            if root
+            else f"DETECTRON2_DATASETS unset, so ./datasets in {Path.cwd()}"
+        )
+        raise LocoError(
+            f"dataset '{name}' reads {' and '.join(missing)}, which "
+            f"{'do' if len(missing) > 1 else 'does'} not exist ({where}); set "
+            f"DETECTRON2_DATASETS to the folder holding coco/, or pass --{split}-json and "
+            f"--{split}-images"
+        )
 
 
 def _datasets_root() -> Path:

@@ -8,15 +8,18 @@ COCO json + image folders) into a frozen Detectron2 config:
 2. ``MODEL.PIXEL_MEAN/STD`` = the checkpoint's ``data.mean/std`` x 255 and
    ``INPUT.FORMAT = RGB`` (how the backbone was pretrained), logged;
 3. datasets registered (``--train-json`` etc., recorded in ``DATASETS.LOCO_FILES`` so a
-   saved ``config.yaml`` re-registers them), ``ROI_HEADS.NUM_CLASSES`` from their categories;
+   saved ``config.yaml`` re-registers them), every file they read checked to exist (before
+   anything is built), ``ROI_HEADS.NUM_CLASSES`` from their categories;
 4. device and world-size fallbacks: no CUDA -> ``MODEL.DEVICE=cpu``; SyncBN with one
    process or on CPU -> BN (identical statistics on one process), with a warning.
 
 Training is Detectron2's ``DefaultTrainer`` with ``COCOEvaluator(use_fast_impl=False)``
-(pycocotools, so no compiled Detectron2 op is needed). The final evaluation is written
-as ``results.json`` rows (protocols ``maskrcnn-bbox`` / ``maskrcnn-segm``) that
-``loco report`` reads: ``top1`` holds AP and ``top5`` AP50; ``ap, ap50, ap75, aps, apm,
-apl`` hold all six COCO numbers.
+(pycocotools, so no compiled Detectron2 op is needed) scoring every task the model has,
+detections or not. The final evaluation is written as detection rows of
+:mod:`loco.eval.results` (protocols ``maskrcnn-bbox`` / ``maskrcnn-segm``, metrics ``ap,
+ap50, ap75, aps, apm, apl``); a metric COCO cannot compute (NaN: no detection, or no
+object of a size range) is stored as null with a note. ``loco transfer eval`` loads its
+weights strictly: a tensor missing or of another shape is an error, not a skipped layer.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from detectron2.engine import DefaultTrainer, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from fvcore.common.checkpoint import _filter_reused_missing_keys
 
 from loco import checkpoint as ckpt
 from loco.errors import LocoError
@@ -56,7 +60,12 @@ NORM_KEYS = (
     "MODEL.ROI_MASK_HEAD.NORM",
     "MODEL.SEM_SEG_HEAD.NORM",
 )
-COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # -> ap, ap50, ... in results rows
+AREA_RANGES = {
+    "aps": "small (< 32^2 px)",
+    "apm": "medium (32^2-96^2 px)",
+    "apl": "large (> 96^2 px)",
+}
 
 
 def resolve_config(name: str | Path) -> Path:
@@ -155,8 +164,12 @@ def setup_cfg(
     val_json: str | None = None,
     val_images: str | None = None,
     output_dir: str | None = None,
+    train: bool = True,
 ) -> CfgNode:
-    """The frozen Detectron2 config of a transfer run (see the module docstring)."""
+    """The frozen Detectron2 config of a transfer run (see the module docstring).
+
+    ``train=False`` (evaluation) needs only the test datasets on disk.
+    """
     cfg = get_cfg()
     add_loco_config(cfg)
     cfg.merge_from_file(str(resolve_config(config)))
@@ -170,17 +183,21 @@ def setup_cfg(
         cfg.MODEL.LOCO.CHECKPOINT = str(Path(checkpoint).resolve())
     if output_dir:
         cfg.OUTPUT_DIR = str(output_dir)
-    _apply_checkpoint(cfg)
     for name, json_file, images in cfg.DATASETS.LOCO_FILES:  # from a saved config.yaml
-        ds.register_coco_json(json_file, images, name.split("_")[1])
-    train = _register(cfg, "train", train_json, train_images)
-    val = _register(cfg, "val", val_json, val_images)
-    if train:
-        cfg.DATASETS.TRAIN = (train,)
-    if val:
-        cfg.DATASETS.TEST = (val,)
-    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        if train or name.split("_")[1] != "train":
+            ds.register_coco_json(json_file, images, name.split("_")[1])
+    train_name = _register(cfg, "train", train_json, train_images)
+    val_name = _register(cfg, "val", val_json, val_images)
+    if train_name:
+        cfg.DATASETS.TRAIN = (train_name,)
+    if val_name:
+        cfg.DATASETS.TEST = (val_name,)
+    for name in (*(cfg.DATASETS.TRAIN if train else ()), *cfg.DATASETS.TEST):
         ds.ensure_registered(name)
+    if train:
+        ds.check_files(cfg.DATASETS.TRAIN, "train")
+    ds.check_files(cfg.DATASETS.TEST, "val")
+    _apply_checkpoint(cfg)
     if train_json and val_json:
         ds.check_same_categories(train_json, val_json)
     if train_json or val_json:
@@ -202,8 +219,44 @@ class LocoTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):
+        """Scores every task of the model: COCOEvaluator would otherwise infer the tasks from
+        the predictions and drop ``segm`` when the model detected nothing."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        tasks = ["bbox"] + ["segm"] * cfg.MODEL.MASK_ON + ["keypoints"] * cfg.MODEL.KEYPOINT_ON
+        return COCOEvaluator(
+            dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=False
+        )
+
+
+class StrictCheckpointer(DetectionCheckpointer):
+    """Loads weights for evaluation: a tensor of the model missing from them, or of another
+    shape, is an error (Detectron2 would skip it with a warning and evaluate random weights)."""
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        shapes = [
+            f"{k} {tuple(a)} in the weights, {tuple(b)} in the model"
+            for k, a, b in incompatible.incorrect_shapes
+        ]
+        skipped = {k for k, _, _ in incompatible.incorrect_shapes}  # also reported missing
+        missing = [
+            k
+            for k in _filter_reused_missing_keys(self.model, incompatible.missing_keys)
+            if k not in skipped
+        ]
+        problems = [f"{len(shapes)} tensors of another shape"] * bool(shapes)
+        problems += [f"{len(missing)} tensors missing"] * bool(missing)
+        if problems:
+            listed = sorted(  # the backbone's keys first: the likely cause
+                shapes + [f"{k} missing" for k in missing],
+                key=lambda k: not k.startswith("backbone.bottom_up."),
+            )
+            first = "; ".join(listed[:3])
+            raise LocoError(
+                f"the weights do not fit the model built from this config and --checkpoint "
+                f"({' and '.join(problems)}: {first}); evaluate with the --checkpoint (backbone) "
+                "and --config the weights were trained with"
+            )
+        super()._log_incompatible_keys(incompatible)
 
 
 # -- results ------------------------------------------------------------------------------
@@ -216,18 +269,34 @@ def _dataset_label(name: str) -> str:
     return f"{root.name}/{json_file.stem}"
 
 
-def _n_images(name: str) -> int:
+def _n_images(name: str) -> int | None:
+    """Images in a dataset; None where its files are not on disk (evaluation only)."""
+    if name not in DatasetCatalog.list():
+        return None
     meta = MetadataCatalog.get(name)
-    json_file = getattr(meta, "json_file", None)
-    if json_file and Path(json_file).is_file():
+    json_file = meta.get("json_file")
+    if json_file:
+        if not Path(json_file).is_file():
+            return None
         with open(json_file) as f:
             return len(json.load(f)["images"])
     return len(DatasetCatalog.get(name))
 
 
-def _clean(value: Any) -> float:
-    value = float(value)
-    return 0.0 if math.isnan(value) else round(value, 4)
+def metrics_and_notes(task_metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+    """COCOEvaluator's ``{"AP": ..}`` as results-row metrics, NaN (what COCO cannot compute)
+    as None with the reason in the notes."""
+    values = {m.lower(): float(task_metrics.get(m, float("nan"))) for m in COCO_METRICS}
+    nan = [k for k, v in values.items() if math.isnan(v)]
+    notes = {}
+    for key in nan:
+        if len(nan) == len(values):
+            notes[key] = "the model detected nothing on the val set"
+        elif key in AREA_RANGES:
+            notes[key] = f"the val set has no {AREA_RANGES[key]} object"
+        else:
+            notes[key] = "COCOeval could not compute it"
+    return {k: (None if k in nan else round(v, 4)) for k, v in values.items()}, notes
 
 
 def result_rows(
@@ -241,31 +310,29 @@ def result_rows(
     path = cfg.MODEL.LOCO.CHECKPOINT
     source = read_loco_checkpoint(path, cfg.MODEL.LOCO.BACKBONE)
     checkpoint_id = ckpt.file_hash(path) if path else "random-init"
-    n_train = sum(_n_images(n) for n in cfg.DATASETS.TRAIN)
+    counts = [_n_images(n) for n in cfg.DATASETS.TRAIN]
+    n_train = None if None in counts else sum(counts)
     freeze_at = int(cfg.MODEL.BACKBONE.FREEZE_AT)
     rows = []
     for dataset, per_task in results.items():
         n_val = _n_images(dataset)
         for task in ("bbox", "segm"):
-            metrics = per_task.get(task)
-            if not metrics:
+            if task not in per_task:
                 continue
-            extra = {m.lower(): _clean(metrics.get(m, float("nan"))) for m in COCO_METRICS}
+            metrics, notes = metrics_and_notes(per_task[task])
             rows.append(
                 make_row(
                     method=source.method,
                     backbone=source.model.backbone,
                     stage=len(cfg.MODEL.LOCO.OUT_FEATURES),
                     protocol=f"maskrcnn-{task}",
-                    top1=extra["ap"],
-                    top5=extra["ap50"],
                     dataset=_dataset_label(dataset),
                     checkpoint=checkpoint_id,
                     n_train=n_train,
                     n_val=n_val,
                     step=step,
-                    metric_names={"top1": "AP", "top5": "AP50"},
-                    **extra,
+                    **metrics,
+                    notes=notes,
                     train_dataset=",".join(_dataset_label(n) for n in cfg.DATASETS.TRAIN),
                     freeze_at=freeze_at,
                     setting="frozen" if freeze_at >= 5 else "finetune",
@@ -282,7 +349,7 @@ def _start_run(cfg: CfgNode, args: argparse.Namespace, kind: str) -> logging.Han
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     if not comm.is_main_process():
         return None
-    from loco.train import git_revision
+    from loco.rundir import git_revision
 
     out = Path(cfg.OUTPUT_DIR)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +375,7 @@ def _end_run(handler: logging.Handler | None) -> None:
         handler.close()
 
 
-def _cfg_from_args(args: argparse.Namespace, config: str | Path) -> CfgNode:
+def _cfg_from_args(args: argparse.Namespace, config: str | Path, train: bool) -> CfgNode:
     return setup_cfg(
         config,
         args.checkpoint,
@@ -318,6 +385,7 @@ def _cfg_from_args(args: argparse.Namespace, config: str | Path) -> CfgNode:
         val_json=args.val_json,
         val_images=args.val_images,
         output_dir=args.output_dir,
+        train=train,
     )
 
 
@@ -331,31 +399,39 @@ def _write(
     return rows
 
 
-def _train_worker(args: argparse.Namespace) -> dict[str, Any] | None:
-    cfg = _cfg_from_args(args, args.config)
+def _train_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cfg = _cfg_from_args(args, args.config, train=True)
     handler = _start_run(cfg, args, "train")
     try:
         trainer = LocoTrainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
+        if cfg.MODEL.WEIGHTS or (args.resume and trainer.checkpointer.has_checkpoint()):
+            trainer.resume_or_load(resume=args.resume)
+        else:  # Detectron2 would log "No checkpoint found. Initializing model from scratch"
+            log.info(
+                "detector: backbone from %s, FPN and heads initialised at random "
+                "(no MODEL.WEIGHTS, nothing to resume in %s)",
+                cfg.MODEL.LOCO.CHECKPOINT or "random init",
+                cfg.OUTPUT_DIR,
+            )
         trainer.train()
         results = getattr(trainer, "_last_eval_results", None)
         if comm.is_main_process():
-            _write(cfg, args, results, trainer.iter)  # == MAX_ITER once training ends
-        return results
+            return _write(cfg, args, results, trainer.iter)  # == MAX_ITER once training ends
+        return []
     finally:
         _end_run(handler)
 
 
-def _eval_worker(args: argparse.Namespace) -> dict[str, Any] | None:
+def _eval_worker(args: argparse.Namespace) -> list[dict[str, Any]]:
     run_dir = Path(args.output_dir) if args.output_dir else None
     config = args.config or (run_dir / "config.yaml" if run_dir else None)
     if config is None:
         raise LocoError("pass --config, or --output-dir of a training run (uses its config.yaml)")
-    cfg = _cfg_from_args(args, config)
+    cfg = _cfg_from_args(args, config, train=False)
     handler = _start_run(cfg, args, "eval")
     try:
         model = LocoTrainer.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = StrictCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         weights = args.weights
         if weights is None:
             if not checkpointer.has_checkpoint():
@@ -366,14 +442,14 @@ def _eval_worker(args: argparse.Namespace) -> dict[str, Any] | None:
             weights = checkpointer.get_checkpoint_file()
         checkpointer.load(weights)
         results = LocoTrainer.test(cfg, model)
-        if comm.is_main_process():
-            _write(cfg, args, results, None)
-        return results
+        return _write(cfg, args, results, None) if comm.is_main_process() else []
     finally:
         _end_run(handler)
 
 
-def _launch(worker, args: argparse.Namespace) -> dict[str, Any] | None:
+def _launch(worker, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The worker on this process, or on each of Detectron2's processes (then no rows back:
+    the main process wrote them)."""
     if args.num_gpus * args.num_machines <= 1:
         return worker(args)
     if not torch.cuda.is_available():
@@ -386,14 +462,14 @@ def _launch(worker, args: argparse.Namespace) -> dict[str, Any] | None:
         dist_url=args.dist_url,
         args=(args,),
     )
-    return None
+    return []
 
 
-def train_main(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``loco transfer train``: train, evaluate at the end, write results.json."""
+def train_main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``loco transfer train``: train, evaluate at the end, write results.json; its rows."""
     return _launch(_train_worker, args)
 
 
-def eval_main(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``loco transfer eval``: evaluate trained weights, write results.json."""
+def eval_main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``loco transfer eval``: evaluate trained weights, write results.json; its rows."""
     return _launch(_eval_worker, args)

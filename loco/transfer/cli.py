@@ -17,6 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from loco.rundir import RunDir
+
 log = logging.getLogger(__name__)
 
 
@@ -24,8 +26,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="loco checkpoint (any method) or a timm state dict")
     p.add_argument(
         "--output-dir",
-        help="Detectron2 OUTPUT_DIR (default: RUN/transfer/<config> "
-        "beside the checkpoint's run, else runs/transfer/<config>)",
+        help="Detectron2 OUTPUT_DIR (default: RUN/transfer/<config> beside the checkpoint's "
+        "run, else runs/transfer/<config>, or ~/loco-runs/transfer/<config> when run from "
+        "inside loco's source tree)",
     )
     p.add_argument("--val-json", help="COCO instances json to evaluate on (sets DATASETS.TEST)")
     p.add_argument("--val-images", help="image folder of --val-json")
@@ -88,10 +91,17 @@ def _default_output_dir(args: argparse.Namespace) -> str | None:
         return args.output_dir
     stem = Path(args.config).stem if getattr(args, "config", None) else "run"
     if args.checkpoint and Path(args.checkpoint).is_file():
-        parent = Path(args.checkpoint).resolve().parent
-        run = parent.parent if parent.name == "checkpoints" else parent
-        return str(run / "transfer" / stem)
-    return str(Path("runs") / "transfer" / stem)
+        return str(RunDir.from_checkpoint(args.checkpoint).root / "transfer" / stem)
+    return str(_outside_source_tree(Path("runs") / "transfer" / stem))
+
+
+def _outside_source_tree(path: Path) -> Path:
+    """``path``, or ``~/loco-runs/...`` in its place when it would land inside loco's own
+    source tree (a run started from the repository must not write into it)."""
+    source = Path(__file__).resolve().parents[2]
+    if (source / "pyproject.toml").is_file() and path.resolve().is_relative_to(source):
+        return Path.home() / "loco-runs" / path.relative_to("runs")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,18 +124,23 @@ def run(args: argparse.Namespace) -> int:
     if args.transfer_command == "train":
         args.output_dir = _default_output_dir(args)
         log.info("output dir: %s", args.output_dir)
-        results = train_main(args)
+        rows = train_main(args)
     else:
         if not args.output_dir and args.weights and "OUTPUT_DIR" not in (args.opts or []):
             args.output_dir = str(Path(args.weights).resolve().parent)
-        results = eval_main(args)
-    if results and any(task in results for task in ("bbox", "segm")):
-        results = {"": results}  # one test dataset: Detectron2 returns its metrics directly
-    for dataset, per_task in (results or {}).items():
-        for task in ("bbox", "segm"):
-            m = per_task.get(task)
-            if m:
-                print(
-                    f"{dataset} {task}: AP {m['AP']:.2f}  AP50 {m['AP50']:.2f}  AP75 {m['AP75']:.2f}".strip()
-                )
+        rows = eval_main(args)
+    for row in rows:
+        print(summary_line(row))
     return 0
+
+
+def summary_line(row: dict) -> str:
+    """``coco128-seg/instances_val2017 maskrcnn-segm: AP 1.23 AP50 ... (n/a: why)``, with
+    the values and notes ``results.json`` and ``loco report`` show."""
+    from loco.eval.results import LABELS, METRICS, MISSING, metric_text
+
+    line = f"{row['dataset']} {row['protocol']}: " + "  ".join(
+        f"{LABELS[k]} {metric_text(row, k)}" for k in METRICS["detection"]
+    )
+    notes = sorted(set((row.get("notes") or {}).values()))
+    return line + (f"  ({MISSING}: {'; '.join(notes)})" if notes else "")
