@@ -155,3 +155,20 @@ def test_grouped_conv_backward_flops(one_thread, groups):
     macs = 2 * 8 * 8 * 256 * (256 // groups) * 9
     y = conv(x)
     assert count_flops(lambda: y.sum().backward()) == 2 * (2 * macs)
+
+
+def test_decoder_conv_block_is_a_presnet_block(one_thread):
+    """LoCo's decoder conv block (the ImageNet configs use it) on each of the six modules: a
+    PResNet block of the module's own widths and groups that halves the map."""
+    from loco.config import ModelConfig
+    from loco.models.backbone import build_backbone
+    from loco.models.heads import conv_block, reference_block
+
+    bb = build_backbone(ModelConfig(backbone="presnet50", kwargs={"width": 0.25}), 32)
+    for k in range(bb.num_modules):
+        block, ref = conv_block(bb, k), reference_block(bb, k)
+        assert isinstance(block, loco.models.presnet.Block)
+        assert [c[0].groups for c in block.convs][:-1] == [c[0].groups for c in ref.convs][:-1]
+        with torch.no_grad():
+            out = block.eval()(torch.randn(2, bb.channels[k], 6, 6))
+        assert out.shape == (2, bb.channels[k], 3, 3)

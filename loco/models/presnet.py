@@ -112,6 +112,16 @@ class Block(nn.Module):
         return self.resize(out) if self.resize_at == "output" else out
 
 
+def decoder_block(ref: Block, channels: int) -> Block:
+    """LoCo's decoder conv block on a PResNet module: a first-of-stage block of the module's
+    own kind (its widths and groups; the last conv dense, as in a first block) that halves
+    the map by a bilinear resize, with a 1x1 projection shortcut."""
+    convs = [c[0] for c in ref.convs]
+    widths = (*(c.out_channels for c in convs[:-1]), channels)
+    groups = (*(c.groups for c in convs[:-1]), 1)
+    return Block(channels, widths, groups, scale=0.5)
+
+
 def _round(c: float, groups: int) -> int:
     return max(groups, int(round(c / groups)) * groups)
 
