@@ -7,6 +7,7 @@ typo in a multi-day run's config should fail in the first second, not after the 
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
 import types
@@ -30,6 +31,13 @@ class DataConfig:
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"
+    # false: pretrain on images without classes, every image under <root>/<train_split> (or
+    # under <root> when that has no such folder), nested in any way; a folder with images
+    # directly in it is read this way too. The online probe and kNN monitor then turn off.
+    labels: bool = True
+    # a text file of image paths to pretrain on (one per line; relative paths are relative
+    # to data.root, else to the file's folder): unlabelled, like data.labels=false
+    list: str = ""
     image_size: int = 32
     # SimCLR augmentation strengths
     crop_scale_min: float = 0.08
@@ -44,8 +52,9 @@ class DataConfig:
     pipeline: str = "pil"
     num_workers: int = 2
     # normalisation stats used by the model input
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # (builtins.list: the field `list` above shadows the name inside this class)
+    mean: builtins.list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: builtins.list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -62,7 +71,7 @@ class ModelConfig:
     split: Any = "stages"
     drop_path_rate: float = 0.0
     sync_bn: bool = False
-    # extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256], stem_width: 32}
+    # extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256]}
     # for a half-width ResNet that trains on 2 CPU cores
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -79,15 +88,20 @@ class DecoderConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "loco"  # e2e | greedy | loco | infopro
+    """The pretraining method. ``name``, ``temperature`` and ``gather_negatives`` apply to
+    every method; each other key belongs to the method that lists it in its ``options``
+    (:mod:`loco.methods`), and validation rejects it, changed from its default, with any
+    other method."""
+
+    name: str = "loco"  # a registered method: `loco pretrain --help` lists them
     temperature: float = 0.2
     gather_negatives: bool = True  # negatives from all ranks
-    # loco
+    # -- loco (and loco_naive) only
     first_stage_loss: bool = True
     # "both": a shared stage is updated by its own loss and the loss above (the paper);
     # "upper": by the loss above only (paper's Table 5 ablation)
     shared_update: str = "both"
-    # infopro: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
+    # -- infopro only: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
     # interpolated linearly from the first to the last local module
     lambda1_first: float = 5.0
     lambda1_last: float = 0.0
@@ -116,7 +130,9 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 | fp16 (autocast + gradient scaling, for
+    # GPUs without bf16 such as V100s; one scaler step covers all local losses of a step)
+    precision: str = "auto"
     channels_last: bool = True  # CUDA only
     compile: bool = False
     deterministic: bool = False
@@ -129,6 +145,12 @@ class TrainConfig:
     # k recomputes its first n segments: stem or residual blocks); `loco bench --recompute
     # auto=RATIO` finds the cheapest plan under a memory budget and prints it
     recompute: str = "none"
+    # Weights & Biases: the scalars of metrics.jsonl; the W&B run id is kept in the run dir,
+    # so a requeued job continues the same W&B run (WANDB_MODE=offline works without network)
+    wandb: bool = False
+    wandb_project: str = "loco"
+    wandb_entity: str = ""
+    wandb_tags: builtins.list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -159,11 +181,9 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("pil", "tensor"),
     "model.small_image": ("auto", "true", "false"),
-    "method.name": ("e2e", "greedy", "loco", "infopro"),
-    "method.shared_update": ("both", "upper"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
 
 
@@ -197,6 +217,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except LocoError:
                 continue
         raise LocoError(f"{where}: {value!r} does not match {tp}")
+    if tp is type(None):  # the None of `int | None`: not a catch-all
+        if value is None:
+            return None
+        raise LocoError(f"{where}: expected null, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -346,8 +370,18 @@ def validate(cfg: Config) -> None:
         raise LocoError(
             f"data.dataset '{cfg.data.dataset}' unknown; use cifar10, clothing, or folder with data.root=PATH"
         )
-    if cfg.data.dataset == "folder" and not cfg.data.root:
-        raise LocoError("data.dataset=folder needs data.root=PATH (an ImageFolder tree)")
+    if cfg.data.dataset == "folder" and not (cfg.data.root or cfg.data.list):
+        raise LocoError(
+            "data.dataset=folder needs data.root=PATH (an image folder) or data.list=FILE"
+        )
+    unlabelled = not cfg.data.labels or bool(cfg.data.list)
+    if unlabelled and cfg.data.per_class:
+        raise LocoError("data.per_class needs class labels; unset it for unlabelled data")
+    if unlabelled and cfg.method.supervised:
+        raise LocoError("method.supervised=true needs class labels; use data.labels=true")
+    from loco.methods import check_method_config  # lazy: the registry imports torch
+
+    check_method_config(cfg.method)
     parse_split(cfg.model.split)  # syntax only: the block count is the backbone's
     try:  # the module count is the backbone's: build time checks the range
         parse_recompute_plan(cfg.train.recompute, None)

@@ -101,7 +101,7 @@ def test_convnext_checkpoint_loads_for_eval(tmp_path):
     """A ConvNeXt run's checkpoint, an older one still holding ``head.norm``, and a plain timm
     state dict with a classifier all load into the backbone that ``loco eval`` builds."""
     from loco import checkpoint as ckpt
-    from loco.eval.features import load_backbone
+    from loco.eval.network import load_backbone
 
     model = make("convnext_atto", "e2e")
     model.cfg.model.kwargs = {"dims": [8, 16, 24, 32], "depths": [1, 1, 2, 1]}
@@ -126,3 +126,19 @@ def test_convnext_checkpoint_loads_for_eval(tmp_path):
     bad = {**saved, "stages.0.blocks.0.gamma": torch.zeros(3)}
     with pytest.raises(LocoError, match="shape mismatch: stages.0.blocks.0.gamma"):
         ckpt.load_backbone_weights(model.backbone.body, bad, "bad.pt")
+
+
+def test_stem_width_without_effect_is_refused():
+    """timm ignores ``stem_width`` for the plain ResNet stem (conv1 keeps 64 channels): a
+    config setting it describes another network than the one built."""
+    from loco.config import ModelConfig
+
+    kwargs = {"channels": [8, 16, 32, 64]}
+    with pytest.raises(LocoError, match="stem_width=16 has no effect on 'resnet18'"):
+        build_backbone(ModelConfig(backbone="resnet18", kwargs={**kwargs, "stem_width": 16}), 16)
+    bb = build_backbone(ModelConfig(backbone="resnet18", kwargs=kwargs), 16)
+    assert bb.body.conv1.out_channels == 64
+    # a deep stem reads it: accepted, and it sets the stem's width
+    deep = {**kwargs, "stem_type": "deep", "stem_width": 16}
+    bb = build_backbone(ModelConfig(backbone="resnet18", small_image="false", kwargs=deep), 16)
+    assert bb.body.conv1[0].out_channels == 16

@@ -42,7 +42,7 @@ def test_resnet50_blocks_are_stride2_bottlenecks_under_15M(one_thread):
 
 
 FAMILIES = [  # (timm model, kwargs): one small model per conv family
-    ("resnet18", {"channels": [16, 32, 64, 128], "stem_width": 16}),  # basic blocks
+    ("resnet18", {"channels": [16, 32, 64, 128]}),  # basic blocks
     ("regnetx_002", {}),
     ("convnext_atto", {}),
     ("efficientnet_b0", {}),

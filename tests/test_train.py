@@ -15,7 +15,7 @@ from loco.errors import LocoError
 from loco.train import Pretrainer, pretrain
 
 TINY = [
-    "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}",
+    "model.kwargs={channels: [8, 16, 32, 64]}",
     "decoder.hidden_dim=64",
     "decoder.out_dim=32",
 ]
@@ -168,21 +168,29 @@ def test_knn_monitor_and_online_probe_are_logged(cifar_val_root, tmp_path):
     assert {"online/acc", "online/loss", "lr", "img_per_s", "peak_mem_mb"} <= rows[-1].keys()
 
 
-@pytest.mark.parametrize("method", ["loco", "e2e"])  # own two-pass graphs; torch checkpoint
+# loco: its own two-pass graphs (ModuleGraph); e2e, greedy, infopro: torch.utils.checkpoint
+@pytest.mark.parametrize("method", ["loco", "e2e", "greedy", "infopro"])
 def test_recompute_plan_changes_memory_not_the_step(cifar_val_root, tmp_path, method):
     """``train.recompute`` takes bench's plans; recomputation must not change the step."""
     runs = {}
     for plan in ("none", "S1=all;S2=1"):
         cfg = tiny_cfg(
-            cifar_val_root, tmp_path / plan, "optim.max_steps=3", f"train.recompute={plan}"
+            cifar_val_root,
+            tmp_path / plan,
+            "optim.max_steps=3",
+            f"train.recompute={plan}",
+            f"method.name={method}",
         )
         trainer = Pretrainer(cfg)
         runs[plan] = trainer
         trainer.fit()
+    assert all(r.method.name == method for r in runs.values())
     assert runs["S1=all;S2=1"].method.backbone.recompute[:2] == [True, 1]
     # weights and BatchNorm running statistics (a recomputed forward must not count twice)
     a, b = (r.method.state_dict() for r in runs.values())
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    stem_bn = runs["S1=all;S2=1"].method.backbone.body.bn1  # in S1, recomputed each step
+    assert stem_bn.num_batches_tracked.item() == 3
     with pytest.raises(LocoError, match="S1..S4"):
         Pretrainer(tiny_cfg(cifar_val_root, tmp_path / "bad", "train.recompute=S7=1"))

@@ -68,7 +68,7 @@ def kv(*settings: dict[str, str]) -> list[str]:
     return [x for d in settings for item in d.items() for x in item]
 
 
-HALF_RESNET18 = {"channels": [32, 64, 128, 256], "stem_width": 32}
+HALF_RESNET18 = {"channels": [32, 64, 128, 256]}
 
 
 # -- fixtures -----------------------------------------------------------------------------

@@ -47,9 +47,7 @@ class Settings:
     per_class: int = 1000  # training images per class (0 = all)
     image_size: int = 32
     backbone: str = "resnet18"
-    model_kwargs: dict[str, Any] = field(
-        default_factory=lambda: {"channels": [16, 32, 64, 128], "stem_width": 16}
-    )
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": [16, 32, 64, 128]})
     small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (CIFAR ResNet)
     hidden_dim: int = 512
     out_dim: int = 128

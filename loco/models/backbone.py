@@ -480,6 +480,20 @@ class _RngState:
             yield
 
 
+def _reject_ignored_kwargs(model: nn.Module, cfg: ModelConfig) -> None:
+    """timm accepts some arguments it then ignores; a config that sets one describes a network
+    that is not the one built. Rejected where detectable: ``stem_width`` on a ResNet whose stem
+    is the single 7x7 conv (always 64 channels; timm reads stem_width only for deep stems)."""
+    if "stem_width" in cfg.kwargs and isinstance(model, timm.models.resnet.ResNet):
+        if isinstance(model.conv1, nn.Conv2d):
+            raise LocoError(
+                f"model.kwargs.stem_width={cfg.kwargs['stem_width']} has no effect on "
+                f"'{cfg.backbone}': timm uses it only with a deep stem (stem_type: deep or "
+                "deep_tiered), the plain stem has 64 channels; remove stem_width (for a "
+                "checkpoint saved with it, override model.kwargs without it: same network)"
+            )
+
+
 def _check_every_parameter_trained(model: nn.Module, units: list[Unit], name: str) -> None:
     """A timm parameter that no local module lists would silently keep its initial value."""
     listed = {id(p) for u in units for p in unit_parameters(model, u)}
@@ -550,6 +564,15 @@ def _finish_units(
     return [Unit(path, stage, is_block=False, trailing=True) for path in trailing], head
 
 
+def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict[str, object]:
+    """The ``timm.create_model`` arguments that shape the weights (what an export records)."""
+    kwargs = dict(cfg.kwargs)
+    if "vit" in cfg.backbone or "deit" in cfg.backbone:
+        kwargs["img_size"] = image_size
+        kwargs["dynamic_img_size"] = True
+    return kwargs
+
+
 def build_backbone(
     cfg: ModelConfig, image_size: int, cuts: Sequence[int] | None = None
 ) -> StagedBackbone:
@@ -559,12 +582,13 @@ def build_backbone(
     ``meta.split_cuts``), used instead of measuring again so a resume splits the same way."""
     import loco.models.presnet  # noqa: F401  (registers presnet50* with timm; not on --help's path)
 
-    kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False, **cfg.kwargs}
+    kwargs: dict[str, object] = {
+        "num_classes": 0,
+        "pretrained": False,
+        **timm_kwargs(cfg, image_size),
+    }
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
-    if "vit" in cfg.backbone or "deit" in cfg.backbone:
-        kwargs["img_size"] = image_size
-        kwargs["dynamic_img_size"] = True
     try:
         model = timm.create_model(cfg.backbone, **kwargs)
     except RuntimeError as exc:
@@ -573,6 +597,7 @@ def build_backbone(
         raise LocoError(f"unknown timm backbone '{cfg.backbone}' ({exc}){hint}") from None
     except TypeError as exc:
         raise LocoError(f"timm backbone '{cfg.backbone}' rejected its options: {exc}") from None
+    _reject_ignored_kwargs(model, cfg)
     if not getattr(model, "feature_info", None):
         raise LocoError(
             f"timm backbone '{cfg.backbone}' has no feature_info, so its stages are unknown; "
@@ -612,8 +637,6 @@ def build_backbone(
         model.set_submodule(path, nn.Identity())
     groups[-1] = [*groups[-1], *trailing]
     _check_every_parameter_trained(model, [u for g in groups for u in g], cfg.backbone)
-    if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     backbone = StagedBackbone(model, groups, cfg.backbone, image_size)
     backbone.block_costs = costs
     return backbone
