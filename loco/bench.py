@@ -41,8 +41,8 @@ from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.methods.base import options_for
 from loco.models.backbone import build_backbone
-from loco.models.recompute import format_recompute_plan, parse_recompute_plan
 from loco.optim import build_optimizer
+from loco.plans import format_recompute_plan, parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,
@@ -80,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         action="append",
         default=None,
-        help="stages | blocks | N | [cut, points]; comma list or repeated (default: the "
-        "config's model.split, else stages)",
+        help="stages | blocks | N | [cut, points] | balanced:K | balanced:K:flops; comma list "
+        "or repeated (default: the config's model.split, else stages)",
     )
     parser.add_argument(
         "--recompute",

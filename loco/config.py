@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from loco.errors import LocoError
-from loco.models.recompute import parse_recompute_plan
+from loco.plans import parse_recompute_plan, parse_split
 
 
 @dataclass
@@ -63,8 +63,11 @@ class ModelConfig:
     # 3x3 stride-1 stem, no max-pool (CIFAR SimCLR); "auto" = on when image_size <= 64
     small_image: str = "auto"
     # "stages" (timm feature_info stages; ResNet: conv1+res2 | res3 | res4 | res5),
-    # "blocks" (one local module per residual/transformer block), or a list of cut
-    # points (block indices where a new module starts), e.g. [2, 4, 6]
+    # "blocks" (one local module per residual/transformer block), N (N modules of about
+    # equal block count), a list of cut points (block indices where a new module starts),
+    # e.g. [2, 4, 6], or "balanced:K" / "balanced:K:flops" (K modules made as even as
+    # possible in saved-activation bytes / forward FLOPs, measured per block; the cuts are
+    # logged and kept in the checkpoint). Grammar: loco.plans.parse_split
     split: Any = "stages"
     drop_path_rate: float = 0.0
     sync_bn: bool = False
@@ -379,6 +382,7 @@ def validate(cfg: Config) -> None:
     from loco.methods import check_method_config  # lazy: the registry imports torch
 
     check_method_config(cfg.method)
+    parse_split(cfg.model.split)  # syntax only: the block count is the backbone's
     try:  # the module count is the backbone's: build time checks the range
         parse_recompute_plan(cfg.train.recompute, None)
     except LocoError as exc:

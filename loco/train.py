@@ -42,10 +42,10 @@ from loco.distributed import (
 from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.models.backbone import build_backbone
-from loco.models.recompute import parse_recompute_plan
 from loco.models.sync_bn import sync_batchnorm
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
+from loco.plans import parse_recompute_plan, parse_split
 from loco.rundir import RunDir, git_revision
 from loco.runlock import RunLock
 from loco.stop import StopFlag, request_stop
@@ -183,7 +183,11 @@ class Pretrainer:
         self.steps_per_epoch = steps_per_epoch(self.loader)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
-        backbone = build_backbone(cfg.model, cfg.data.image_size)
+        cuts = None  # a balanced split goes on with the cuts it chose (meta, not config)
+        if parse_split(cfg.model.split).kind == "balanced":
+            src = resume.weights_source(cfg) or ckpt.find_resume(self.run_dir, cfg.train.resume)
+            cuts = ckpt.load(src, mmap=True)["meta"].get("split_cuts") if src else None
+        backbone = build_backbone(cfg.model, cfg.data.image_size, cuts=cuts)
         backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
         method = build_method(backbone, cfg)
         if cfg.model.sync_bn:  # backbone and decoders alike
@@ -246,6 +250,7 @@ class Pretrainer:
                 "backbone": self.cfg.model.backbone,
                 "method": self.cfg.method.name,
                 "channels": self.method.backbone.channels,
+                "split_cuts": self.method.backbone.cuts,
                 "image_size": self.cfg.data.image_size,
                 "world_size": self.info.world_size,
                 "git": git_revision(),

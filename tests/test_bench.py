@@ -19,7 +19,7 @@ from loco.config import Config
 from loco.methods import build_method
 from loco.methods.reference import naive_loco
 from loco.models.backbone import build_backbone
-from loco.models.recompute import parse_recompute_plan
+from loco.plans import parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,
