@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("loco.launch.status", "state, last step and log tail of submitted jobs"),
     "transfer": ("loco.transfer.cli", "Detectron2 Mask R-CNN transfer (train | eval | subsample)"),
     "data": ("loco.data.cli", "prepare the shipped datasets and check an ImageFolder tree"),
+    "config": ("loco.config_cli", "every config key with its type, default and help"),
     "export": ("loco.export", "write a backbone for timm, torchvision or safetensors"),
 }
 
