@@ -39,10 +39,10 @@ import yaml
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
-from loco.methods.reference import naive_loco
+from loco.methods.base import options_for
 from loco.models.backbone import build_backbone
-from loco.models.recompute import format_recompute_plan, parse_recompute_plan
 from loco.optim import build_optimizer
+from loco.plans import format_recompute_plan, parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,
@@ -54,7 +54,6 @@ from loco.profiling import (
 
 log = logging.getLogger("loco.bench")
 
-NAIVE = "loco_naive"  # the straightforward LoCo of loco.methods.reference
 RECOMPUTE_MODES = ("none", "stage1", "all")
 MiB = 2**20
 
@@ -75,14 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default="e2e,greedy,loco,loco_naive,infopro",
-        help=f"comma list of {', '.join([*sorted(METHODS), NAIVE])}; e2e is always measured (the baseline)",
+        help=f"comma list of {', '.join(sorted(METHODS))}; e2e is always measured (the baseline)",
     )
     parser.add_argument(
         "--split",
         action="append",
         default=None,
-        help="stages | blocks | N | [cut, points]; comma list or repeated (default: the "
-        "config's model.split, else stages)",
+        help="stages | blocks | N | [cut, points] | balanced:K | balanced:K:flops; comma list "
+        "or repeated (default: the config's model.split, else stages)",
     )
     parser.add_argument(
         "--recompute",
@@ -171,14 +170,11 @@ class Row:
 
 def build(cfg: Config, method_name: str, recompute: str, seed: int) -> Method:
     """The method (``loco_naive``: the reference LoCo) on a fresh backbone, in train mode."""
-    cfg.method.name = "loco" if method_name == NAIVE else method_name
+    cfg.method = options_for(cfg.method, method_name)
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, cfg.data.image_size)
     backbone.recompute = parse_recompute_plan(recompute, backbone.num_modules)
-    method = build_method(backbone, cfg)
-    if method_name == NAIVE:
-        method = naive_loco(method)
-    return method.train()
+    return build_method(backbone, cfg).train()
 
 
 def inner(method: Method) -> Method:
@@ -402,6 +398,10 @@ def module_profile(
         )
         with torch.no_grad():
             x = bb.forward_module(k, x)
+        head = method.heads[str(k)]  # greedy: module k's decoder, as in every method
+        rows[-1]["decoder_params"] = sum(p.numel() for p in head.parameters())
+        rows[-1]["decoder_block_params"] = sum(p.numel() for p in head.block.parameters())
+        rows[-1]["decoder_flops_forward"] = count_flops(lambda head=head, x=x: head(x))
     return rows
 
 
@@ -498,16 +498,26 @@ def markdown(result: dict[str, Any]) -> str:
         owners = sorted(r["saved_peak_by_owner"].items(), key=_owner_order)
         parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in owners if v >= MiB / 2) or "-"
         out.append(f"- {r['method']} / {r['split']} / {r['recompute']}: {parts}")
-    out += ["", "Per module (forward FLOPs; bytes its forward saves for backward):", ""]
+    out += [
+        "",
+        "Per module (forward FLOPs; bytes its forward saves for backward; its decoder's"
+        " parameters, of which the conv block's, and forward FLOPs):",
+        "",
+    ]
     for prof in result["modules"]:
         out.append(f"split {prof['split']}, recompute {prof['recompute']}:")
         out.append("")
-        out.append("| module | span | GFLOPs fwd | saved MiB | recomputed segments |")
-        out.append("|---|---|---|---|---|")
+        out.append(
+            "| module | span | GFLOPs fwd | saved MiB | recomputed segments "
+            "| decoder M params (block) | decoder GFLOPs fwd |"
+        )
+        out.append("|---|---|---|---|---|---|---|")
         for m in prof["profile"]:
             out.append(
                 f"| {m['module']} | {m['span']} | {m['flops_forward'] / 1e9:.2f} | {m['saved_bytes'] / MiB:.1f} "
-                f"| {m['recomputed_segments']}/{m['segments']} |"
+                f"| {m['recomputed_segments']}/{m['segments']} "
+                f"| {m['decoder_params'] / 1e6:.2f} ({m['decoder_block_params'] / 1e6:.2f}) "
+                f"| {m['decoder_flops_forward'] / 1e9:.2f} |"
             )
         out.append("")
     return "\n".join(out)
@@ -571,10 +581,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS and m != NAIVE]
+    unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise LocoError(
-            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join([*sorted(METHODS), NAIVE])}"
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}"
         )
     names = ["e2e"] + [m for m in names if m != "e2e"]
     specs = [r.strip() for r in args.recompute.split(",") if r.strip()]

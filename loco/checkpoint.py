@@ -22,8 +22,6 @@ import torch.nn as nn
 from loco.errors import LocoError
 from loco.rundir import RunDir
 
-PREFIXES = ("module.", "backbone.body.", "backbone.", "encoder.", "body.", "model.")
-
 
 def fsync_dir(path: Path) -> None:
     """Make a rename in directory ``path`` durable (a crash after os.replace can otherwise
@@ -145,29 +143,6 @@ def file_hash(path: str | Path, n: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:n]
-
-
-def backbone_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The timm-model weights in a loco checkpoint or a plain (timm/torchvision) state dict.
-
-    Accepts loco checkpoints of any method (``backbone`` entry), ``state_dict``/``model``
-    wrappers, and strips ``module.``/``backbone.``/``encoder.`` prefixes.
-    """
-    if "backbone" in obj and isinstance(obj["backbone"], dict):
-        return dict(obj["backbone"])
-    for key in ("state_dict", "model", "teacher", "student"):
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    out = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        for prefix in PREFIXES:
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
 
 
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -20,15 +20,23 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "loco.quickstart",
         "pretrain on the shipped CIFAR-10, then kNN + linear eval; prints a table",
     ),
-    "pretrain": ("loco.train", "self-supervised pretraining (e2e | greedy | loco | infopro)"),
-    "features": ("loco.eval.features", "extract frozen per-stage readout features into a cache"),
+    "pretrain": (
+        "loco.train",
+        "self-supervised pretraining (`loco pretrain --help` lists methods)",
+    ),
+    "features": (
+        "loco.eval.features_cli",
+        "extract frozen per-stage readout features into a cache",
+    ),
     "eval": ("loco.eval.cli", "kNN (faiss) and linear-probe evaluation per stage"),
     "report": ("loco.eval.report", "merge results.json of several runs into one table (+ PNG)"),
     "bench": ("loco.bench", "FLOPs, activation memory and throughput of each method vs e2e"),
     "submit": ("loco.launch.submit", "submit pretrain/eval/transfer to Slurm with submitit"),
-    "jobs": ("loco.launch.jobs", "state, last step and log tail of submitted jobs"),
+    "jobs": ("loco.launch.status", "state, last step and log tail of submitted jobs"),
     "transfer": ("loco.transfer.cli", "Detectron2 Mask R-CNN transfer (train | eval | subsample)"),
     "data": ("loco.data.cli", "prepare the shipped datasets and check an ImageFolder tree"),
+    "config": ("loco.config_cli", "every config key with its type, default and help"),
+    "export": ("loco.export", "write a backbone for timm, torchvision or safetensors"),
 }
 
 
@@ -36,8 +44,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s module is imported (``loco --help`` stays instant)."""
     parser = argparse.ArgumentParser(
         prog="loco",
-        description="Local contrastive pretraining (e2e, greedy, loco, infopro) on timm "
-        "backbones, with kNN/linear evaluation, Detectron2 transfer and Slurm launch.",
+        description="Local (block-wise) contrastive pretraining of timm backbones, with kNN/linear evaluation, Detectron2 transfer and Slurm launch.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -7,6 +7,7 @@ typo in a multi-day run's config should fail in the first second, not after the 
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
 import types
@@ -18,130 +19,246 @@ from typing import Any
 import yaml
 
 from loco.errors import LocoError
-from loco.models.recompute import parse_recompute_plan
+from loco.plans import parse_recompute_plan, parse_split
+
+
+def opt(default: Any = dataclasses.MISSING, *, factory: Any = None, help: str = "") -> Any:
+    """A config field with its one-line help (``loco config`` prints it)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class DataConfig:
-    # "cifar10" | "clothing" (shipped, extracted from ../shared/data on first use) or "folder"
-    dataset: str = "cifar10"
-    # ImageFolder root holding <train_split>/<class>/* and <val_split>/<class>/*;
-    # empty means the shipped copy of `dataset`.
-    root: str = ""
-    train_split: str = "train"
-    val_split: str = "val"
-    image_size: int = 32
-    # SimCLR augmentation strengths
-    crop_scale_min: float = 0.08
-    color_jitter_prob: float = 0.8
-    color_jitter_strength: float = 1.0
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.0  # 0.5 for 224 px ImageNet; off for 32 px
-    solarize_prob: float = 0.0
-    # images per class taken from the training split (0 = all); class-balanced, seeded
-    per_class: int = 0
-    # "pil" (CPU workers, torchvision.transforms.v2) or "tensor" (batched, on the GPU if any)
-    pipeline: str = "pil"
-    num_workers: int = 2
-    # normalisation stats used by the model input
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    dataset: str = opt(
+        "cifar10",
+        help='"cifar10" | "clothing" (shipped, extracted from ../shared/data on first '
+        'use) or "folder"',
+    )
+    root: str = opt(
+        "",
+        help="ImageFolder root holding <train_split>/<class>/* and <val_split>/<class>/*; "
+        "empty means the shipped copy of `dataset`.",
+    )
+    train_split: str = opt("train", help="folder of the training images under the root")
+    val_split: str = opt(
+        "val",
+        help="folder of the validation images under the root (evaluation, kNN monitor)",
+    )
+    labels: bool = opt(
+        True,
+        help="false: pretrain on images without classes, every image under "
+        "<root>/<train_split> (or under <root> when that has no such folder), nested in "
+        "any way; a folder with images directly in it is read this way too. The online "
+        "probe and kNN monitor then turn off.",
+    )
+    list: str = opt(
+        "",
+        help="a text file of image paths to pretrain on (one per line; relative paths are "
+        "relative to data.root, else to the file's folder): unlabelled, like "
+        "data.labels=false",
+    )
+    image_size: int = opt(
+        32,
+        help="input side in pixels (random-resized crops for pretraining)",
+    )
+    crop_scale_min: float = opt(
+        0.08, help="smallest crop area (fraction) of the random resized crop"
+    )
+    color_jitter_prob: float = opt(0.8, help="probability of SimCLR's colour jitter")
+    color_jitter_strength: float = opt(
+        1.0,
+        help="colour jitter strength s (brightness/contrast/saturation 0.8 s, hue 0.2 s)",
+    )
+    grayscale_prob: float = opt(0.2, help="probability of converting a view to grayscale")
+    blur_prob: float = opt(0.0, help="0.5 for 224 px ImageNet; off for 32 px")
+    solarize_prob: float = opt(
+        0.0,
+        help="probability of solarization (BYOL's second view uses 0.2)",
+    )
+    per_class: int = opt(
+        0,
+        help="images per class taken from the training split (0 = all); class-balanced, seeded",
+    )
+    pipeline: str = opt(
+        "pil",
+        help='"pil" (CPU workers, torchvision.transforms.v2) or "tensor" (batched, on '
+        "the GPU if any)",
+    )
+    num_workers: int = opt(2, help="DataLoader worker processes per rank")
+    # (builtins.list: the field `list` above shadows the name inside this class)
+    mean: builtins.list[float] = opt(
+        factory=lambda: [0.485, 0.456, 0.406],
+        help="per-channel mean for input normalisation (RGB)",
+    )
+    std: builtins.list[float] = opt(
+        factory=lambda: [0.229, 0.224, 0.225],
+        help="per-channel std for input normalisation (RGB)",
+    )
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
-    # 3x3 stride-1 stem, no max-pool (CIFAR SimCLR); "auto" = on when image_size <= 64
-    small_image: str = "auto"
-    # "stages" (timm feature_info stages; ResNet: conv1+res2 | res3 | res4 | res5),
-    # "blocks" (one local module per residual/transformer block), or a list of cut
-    # points (block indices where a new module starts), e.g. [2, 4, 6]
-    split: Any = "stages"
-    drop_path_rate: float = 0.0
-    sync_bn: bool = False
-    # extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256]}
-    # for a half-width ResNet that trains on 2 CPU cores
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    backbone: str = opt("resnet18", help="any timm model name")
+    small_image: str = opt(
+        "auto",
+        help='3x3 stride-1 stem, no max-pool (CIFAR SimCLR); "auto" = on when image_size <= 64',
+    )
+    split: Any = opt(
+        "stages",
+        help='"stages" (timm feature_info stages; ResNet: conv1+res2 | res3 | res4 | '
+        'res5), "blocks" (one local module per residual/transformer block), N (N '
+        "modules of about equal block count), a list of cut points (block indices where "
+        'a new module starts), e.g. [2, 4, 6], or "balanced:K" / "balanced:K:flops" '
+        "(K modules made as even as possible in saved-activation bytes / forward FLOPs, "
+        "measured per block; the cuts are logged and kept in the checkpoint). Grammar: "
+        "loco.plans.parse_split",
+    )
+    drop_path_rate: float = opt(0.0, help="stochastic depth rate passed to timm (0 = off)")
+    sync_bn: bool = opt(
+        False,
+        help="SyncBatchNorm over all ranks for the backbone and decoders (CUDA only)",
+    )
+    kwargs: dict[str, Any] = opt(
+        factory=dict,
+        help="extra timm.create_model arguments, e.g. {channels: [32, 64, 128, 256]} for a "
+        "half-width ResNet that trains on 2 CPU cores",
+    )
 
 
 @dataclass
 class DecoderConfig:
     """The head on each local module (LoCo's decoder; SimCLR's projection head)."""
 
-    conv_block: bool = False  # one residual conv block with stride-2 before pooling
-    mlp_layers: int = 2  # 2 or 4 (paper's Table 4)
-    hidden_dim: int = 512
-    out_dim: int = 128
+    conv_block: bool = opt(
+        False,
+        help="one residual conv block with stride-2 before pooling",
+    )
+    mlp_layers: int = opt(2, help="2 or 4 (paper's Table 4)")
+    hidden_dim: int = opt(512, help="hidden width of the projection MLP")
+    out_dim: int = opt(128, help="embedding size the contrastive loss sees")
 
 
 @dataclass
 class MethodConfig:
-    name: str = "loco"  # e2e | greedy | loco | infopro
-    temperature: float = 0.2
-    gather_negatives: bool = True  # negatives from all ranks
-    # loco
-    first_stage_loss: bool = True
-    # "both": a shared stage is updated by its own loss and the loss above (the paper);
-    # "upper": by the loss above only (paper's Table 5 ablation)
-    shared_update: str = "both"
-    # infopro: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
+    """The pretraining method. ``name``, ``temperature`` and ``gather_negatives`` apply to
+    every method; each other key belongs to the method that lists it in its ``options``
+    (:mod:`loco.methods`), and validation rejects it, changed from its default, with any
+    other method."""
+
+    name: str = opt("loco", help="a registered method: `loco pretrain --help` lists them")
+    temperature: float = opt(0.2, help="NT-Xent temperature")
+    gather_negatives: bool = opt(True, help="negatives from all ranks")
+    # -- loco (and loco_naive) only
+    first_stage_loss: bool = opt(
+        True,
+        help="loco: a loss on the first module too (false: as drawn in the paper's Figure 1)",
+    )
+    shared_update: str = opt(
+        "both",
+        help='"both": a shared stage is updated by its own loss and the loss above (the '
+        'paper); "upper": by the loss above only (paper\'s Table 5 ablation)',
+    )
+    # -- infopro only: weights of reconstruction (lambda1) and contrastive (lambda2) loss,
     # interpolated linearly from the first to the last local module
-    lambda1_first: float = 5.0
-    lambda1_last: float = 0.0
-    lambda2_first: float = 1.0
-    lambda2_last: float = 1.0
-    supervised: bool = False  # infopro: SupCon with labels instead of NT-Xent
+    lambda1_first: float = opt(
+        5.0, help="infopro: reconstruction weight at the first module (linear to the last)"
+    )
+    lambda1_last: float = opt(0.0, help="infopro: reconstruction weight at the last module")
+    lambda2_first: float = opt(1.0, help="infopro: contrastive weight at the first module")
+    lambda2_last: float = opt(1.0, help="infopro: contrastive weight at the last module")
+    supervised: bool = opt(False, help="infopro: SupCon with labels instead of NT-Xent")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # lars | sgd | adamw
-    batch_size: int = 256  # per process
-    base_lr: float = 0.3  # lr = base_lr * global_batch / 256
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    epochs: int = 100
-    # overrides epochs when > 0 (short runs, tests, benchmarks)
-    max_steps: int = 0
-    warmup_epochs: float = 10.0
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 0.0
+    name: str = opt("lars", help="lars | sgd | adamw")
+    batch_size: int = opt(256, help="per process")
+    base_lr: float = opt(0.3, help="lr = base_lr * global_batch / 256")
+    weight_decay: float = opt(1e-6, help="weight decay (not on biases and norm parameters)")
+    momentum: float = opt(0.9, help="momentum of LARS / SGD (AdamW: beta1)")
+    epochs: int = opt(100, help="passes over the training set")
+    max_steps: int = opt(
+        0,
+        help="overrides epochs when > 0 (short runs, tests, benchmarks)",
+    )
+    warmup_epochs: float = opt(
+        10.0,
+        help="linear warm-up before the cosine decay (fractions allowed)",
+    )
+    min_lr_ratio: float = opt(0.0, help="final lr as a fraction of the peak lr")
+    grad_clip: float = opt(0.0, help="clip the global gradient norm to this (0 = off)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
-    deterministic: bool = False
-    log_every: int = 10
-    ckpt_every: int = 500  # steps; a checkpoint is also written at each epoch end
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto | none | extend | weights:PATH | a checkpoint (loco/resume.py)
-    progress: bool = True
-    # activation recomputation: "none" | "stage1" | "all" | a plan such as "S1=3;S2=1" (module
-    # k recomputes its first n segments: stem or residual blocks); `loco bench --recompute
-    # auto=RATIO` finds the cheapest plan under a memory budget and prints it
-    recompute: str = "none"
-    # stage parallelism (loco.parallel): K stage groups x world/K data-parallel replicas, rank
-    # (stage k, replica r) holds local module k and its decoders; sync = today's step exactly,
-    # pipelined = batch t+1 enters module k-1 while module k works on batch t
-    stage_parallel: int = 1
-    stage_schedule: str = "sync"
+    output_dir: str = opt(
+        "runs/default",
+        help="the run directory: config, metrics, checkpoints, results",
+    )
+    seed: int = opt(0, help="seed of weights, data order and augmentations")
+    device: str = opt("auto", help="auto | cpu | cuda")
+    precision: str = opt(
+        "auto",
+        help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 | fp16 (autocast + gradient "
+        "scaling, for GPUs without bf16 such as V100s; one scaler step covers all local "
+        "losses of a step)",
+    )
+    channels_last: bool = opt(True, help="CUDA only")
+    compile: bool = opt(False, help="torch.compile every unit of the backbone")
+    deterministic: bool = opt(
+        False,
+        help="deterministic algorithms (slower; bitwise-reproducible runs)",
+    )
+    log_every: int = opt(10, help="steps between metrics lines")
+    ckpt_every: int = opt(500, help="steps; a checkpoint is also written at each epoch end")
+    keep_checkpoints: int = opt(
+        2,
+        help="step checkpoints kept in checkpoints/ (older ones deleted)",
+    )
+    resume: str = opt(
+        "auto",
+        help="auto | none | extend | weights:PATH | a checkpoint (loco/resume.py)",
+    )
+    progress: bool = opt(True, help="a progress bar on the console")
+    recompute: str = opt(
+        "none",
+        help='activation recomputation: "none" | "stage1" | "all" | a plan such as '
+        '"S1=3;S2=1" (module k recomputes its first n segments: stem or residual '
+        "blocks); `loco bench --recompute auto=RATIO` finds the cheapest plan under a "
+        "memory budget and prints it",
+    )
+    wandb: bool = opt(
+        False,
+        help="Weights & Biases: the scalars of metrics.jsonl; the W&B run id is kept in the "
+        "run dir, so a requeued job continues the same W&B run (WANDB_MODE=offline "
+        "works without network)",
+    )
+    wandb_project: str = opt("loco", help="W&B project")
+    wandb_entity: str = opt("", help="W&B entity (team or user; empty = your default)")
+    wandb_tags: builtins.list[str] = opt(factory=list, help="W&B tags")
+    stage_parallel: int = opt(
+        1,
+        help="K stage groups x world/K data-parallel replicas: rank (stage k, replica r) holds "
+        "local module k and its decoders (loco.parallel; greedy, loco, infopro)",
+    )
+    stage_schedule: str = opt(
+        "sync",
+        help="sync (equals the single-process step) | pipelined (batch t+1 enters module k-1 "
+        "while module k works on batch t; loco/parallel/stage.py states the staleness)",
+    )
 
 
 @dataclass
 class MonitorConfig:
     """Representation quality while pretraining runs."""
 
-    online_linear: bool = True  # linear head on detached last-stage features
-    knn_every: int = 0  # steps between kNN monitors (0 = off)
-    knn_train_per_class: int = 100
-    knn_val_per_class: int = 50
-    knn_k: int = 20
+    online_linear: bool = opt(True, help="linear head on detached last-stage features")
+    knn_every: int = opt(0, help="steps between kNN monitors (0 = off)")
+    knn_train_per_class: int = opt(100, help="kNN monitor: training images per class")
+    knn_val_per_class: int = opt(50, help="kNN monitor: validation images per class")
+    knn_k: int = opt(20, help="kNN monitor: neighbours")
 
 
 @dataclass
@@ -161,11 +278,9 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.pipeline": ("pil", "tensor"),
     "model.small_image": ("auto", "true", "false"),
-    "method.name": ("e2e", "greedy", "loco", "infopro"),
-    "method.shared_update": ("both", "upper"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.stage_schedule": ("sync", "pipelined"),
 }
 
@@ -200,6 +315,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except LocoError:
                 continue
         raise LocoError(f"{where}: {value!r} does not match {tp}")
+    if tp is type(None):  # the None of `int | None`: not a catch-all
+        if value is None:
+            return None
+        raise LocoError(f"{where}: expected null, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -349,8 +468,19 @@ def validate(cfg: Config) -> None:
         raise LocoError(
             f"data.dataset '{cfg.data.dataset}' unknown; use cifar10, clothing, or folder with data.root=PATH"
         )
-    if cfg.data.dataset == "folder" and not cfg.data.root:
-        raise LocoError("data.dataset=folder needs data.root=PATH (an ImageFolder tree)")
+    if cfg.data.dataset == "folder" and not (cfg.data.root or cfg.data.list):
+        raise LocoError(
+            "data.dataset=folder needs data.root=PATH (an image folder) or data.list=FILE"
+        )
+    unlabelled = not cfg.data.labels or bool(cfg.data.list)
+    if unlabelled and cfg.data.per_class:
+        raise LocoError("data.per_class needs class labels; unset it for unlabelled data")
+    if unlabelled and cfg.method.supervised:
+        raise LocoError("method.supervised=true needs class labels; use data.labels=true")
+    from loco.methods import check_method_config  # lazy: the registry imports torch
+
+    check_method_config(cfg.method)
+    parse_split(cfg.model.split)  # syntax only: the block count is the backbone's
     try:  # the module count is the backbone's: build time checks the range
         parse_recompute_plan(cfg.train.recompute, None)
     except LocoError as exc:

@@ -7,6 +7,8 @@ layer-wise adaptation (timm's Lars adapts only groups with weight decay, and
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -38,12 +40,29 @@ def build_scheduler(
     """Linear warm-up then cosine decay, stepped every iteration (``step_update``)."""
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     base = opt.param_groups[0]["lr"]
-    return CosineLRScheduler(
-        opt,
-        t_initial=max(total_steps - warmup, 1),
-        lr_min=base * cfg.min_lr_ratio,
-        warmup_t=warmup,
-        warmup_lr_init=base * 1e-3 if warmup else base,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    with _QuietSingleStepCosine():
+        return CosineLRScheduler(
+            opt,
+            t_initial=max(total_steps - warmup, 1),
+            lr_min=base * cfg.min_lr_ratio,
+            warmup_t=warmup,
+            warmup_lr_init=base * 1e-3 if warmup else base,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+
+
+class _QuietSingleStepCosine(logging.Filter):
+    """timm warns "Cosine annealing scheduler will have no effect" when one step follows the
+    warm-up (short runs): true and expected there, so not worth a warning in every such run."""
+
+    logger = logging.getLogger("timm.scheduler.cosine_lr")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will have no effect" not in str(record.msg)
+
+    def __enter__(self) -> None:
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeFilter(self)

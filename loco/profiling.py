@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry
 
 
 # -- FLOPs ---------------------------------------------------------------------------------
@@ -51,8 +51,26 @@ class TotalFlopCounter(FlopCounterMode):
     """
 
     def __init__(self) -> None:
-        super().__init__(display=False)
+        super().__init__(
+            display=False,
+            custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop},
+        )
         self.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+
+
+_torch_conv_backward_flop = flop_registry[torch.ops.aten.convolution_backward].__wrapped__
+
+
+def _conv_backward_flop(*args: Any, out_shape: Any, **kwargs: Any) -> int:
+    """torch's formula, except for a grouped convolution's weight gradient, which torch
+    counts as if the convolution were dense (groups x too many: 129x a forward pass instead
+    of 2x for a 128-group conv). The weight gradient costs what the forward costs."""
+    grad_out_shape, x_shape, w_shape = args[:3]
+    transposed, output_mask = args[7], args[10]
+    input_only = [*args[:10], [output_mask[0], False, False]]
+    grad_input = _torch_conv_backward_flop(*input_only, out_shape=out_shape, **kwargs)
+    weight = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) if output_mask[1] else 0
+    return grad_input + weight
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

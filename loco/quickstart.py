@@ -5,6 +5,7 @@ for a few minutes, then runs the kNN (DINO protocol) and cached linear probes on
 stage of the pretrained network *and* of the same network at random initialisation, and
 prints one table. The random-init rows are the floor a pretraining method must beat.
 Everything lands in ``runs/quickstart`` (re-running resumes or reuses what is there).
+The pretraining config is ``loco/quickstart.yaml``, shipped with the package.
 """
 
 from __future__ import annotations
@@ -20,27 +21,7 @@ from loco.rundir import RunDir
 
 log = logging.getLogger("loco.quickstart")
 
-# The embedded default: any of these can be overridden with key=value arguments.
-QUICKSTART = [
-    "data.dataset=cifar10",
-    "data.image_size=32",
-    "data.per_class=1000",
-    "data.num_workers=1",
-    "model.backbone=resnet18",
-    "model.small_image=true",
-    "model.kwargs={channels: [16, 32, 64, 128]}",
-    "method.name=loco",
-    "method.temperature=0.2",
-    "optim.name=lars",
-    "optim.batch_size=128",
-    "optim.base_lr=1.0",
-    "optim.weight_decay=1e-6",
-    "optim.max_steps=200",
-    "optim.warmup_epochs=0.5",
-    "train.output_dir=runs/quickstart",
-    "train.log_every=20",
-    "train.ckpt_every=100",
-]
+CONFIG = Path(__file__).with_name("quickstart.yaml")  # the one quickstart config
 EVAL_TRAIN_PER_CLASS = 500
 EVAL_VAL_PER_CLASS = 200
 LINEAR_EPOCHS = 30  # the cached probe's sweep; 100 in `loco eval linear`
@@ -51,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="change the embedded quickstart config, e.g. method.name=greedy optim.max_steps=100",
+        help="change the quickstart config (loco/quickstart.yaml), e.g. method.name=greedy optim.max_steps=100",
     )
     parser.add_argument(
         "--eval-train-per-class",
@@ -99,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from loco.eval import evaluate_run
     from loco.train import pretrain
 
-    cfg = load_config(None, QUICKSTART + list(args.overrides))
+    cfg = load_config(CONFIG, list(args.overrides))
     if args.print_config:
         print(dump_yaml(cfg))
         return 0

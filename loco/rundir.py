@@ -55,6 +55,11 @@ class RunDir:
         return self.root / "tb"
 
     @property
+    def wandb_id(self) -> Path:
+        """The Weights & Biases run id, so a requeued job logs into the same W&B run."""
+        return self.root / "wandb_id"
+
+    @property
     def checkpoint(self) -> Path:
         """The newest complete checkpoint (what ``train.resume=auto`` resumes from)."""
         return self.root / "checkpoint.pt"

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from pathlib import Path
@@ -41,13 +40,15 @@ from loco.distributed import (
     seed_per_rank,
 )
 from loco.errors import LocoError
-from loco.methods import Method, build_method
+from loco.methods import METHODS, Method, build_method
 from loco.models.backbone import build_backbone
-from loco.models.recompute import parse_recompute_plan
+from loco.models.sync_bn import sync_batchnorm
 from loco.monitor import KNNMonitor, OnlineProbe
 from loco.optim import build_optimizer, build_scheduler
+from loco.plans import parse_recompute_plan, parse_split
 from loco.rundir import RunDir, git_revision
 from loco.runlock import RunLock
+from loco.stop import StopFlag, request_stop
 
 log = logging.getLogger("loco.train")
 
@@ -63,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.epilog = f"methods (method.name): {', '.join(sorted(METHODS))}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,8 +93,9 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -102,52 +105,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class StopFlag:
-    """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop saves a checkpoint after the current step."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-# -- hook for loco.launch.job (Slurm through submitit) ----------------------------------------
-# Slurm warns a job before its time limit or a preemption with USR2. submitit's own handler
-# would checkpoint in the middle of a step; loco.launch.job routes the signal here instead.
-# The loop then finishes the current optimizer step, saves a checkpoint at that step and
-# raises SystemExit, exactly as on SIGTERM, and the job requeues itself with resume=auto.
-# A request made before the loop starts takes effect after its first step.
-_stop_request: str | None = None
-
-
-def request_stop(reason: str | None) -> None:
-    """Ask the training loop of this process to checkpoint and stop after the current step."""
-    global _stop_request
-    _stop_request = reason
-
-
 # -- the run -----------------------------------------------------------------------------
 class MetricsWriter:
     """JSONL metrics (always) and TensorBoard events (when tensorboard is installed)."""
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: Config | None = None) -> None:
         self.enabled = enabled
+        self.wandb_cfg = wandb_cfg  # W&B too when given (opened at the first write)
+        self.wandb: Any = None
         self.path = RunDir(run_dir).metrics
         self.tb_dir = RunDir(run_dir).tensorboard
         self.tb: Any = None  # opened at the first write: nothing is written before the run lock
@@ -162,8 +127,14 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(self.tb_dir))
             except ImportError:
                 self.tb = False
+        if self.wandb is None and self.wandb_cfg is not None:
+            from loco.tracking import WandbRun
+
+            self.wandb = WandbRun(RunDir(self.path.parent), self.wandb_cfg)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, int | float):
@@ -186,6 +157,9 @@ class MetricsWriter:
         if self.tb:
             self.tb.close()
         self.tb = None
+        if self.wandb is not None:
+            self.wandb.close()
+        self.wandb = None
 
 
 class Pretrainer:
@@ -209,9 +183,16 @@ class Pretrainer:
         self.steps_per_epoch = steps_per_epoch(self.loader)
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
-        backbone = build_backbone(cfg.model, cfg.data.image_size)
+        cuts = None  # a balanced split goes on with the cuts it chose (meta, not config)
+        if parse_split(cfg.model.split).kind == "balanced":
+            src = resume.weights_source(cfg) or ckpt.find_resume(self.run_dir, cfg.train.resume)
+            cuts = ckpt.load(src, mmap=True)["meta"].get("split_cuts") if src else None
+        backbone = build_backbone(cfg.model, cfg.data.image_size, cuts=cuts)
         backbone.recompute = parse_recompute_plan(cfg.train.recompute, backbone.num_modules)
-        self.method: Method = build_method(backbone, cfg).to(self.device)
+        method = build_method(backbone, cfg)
+        if cfg.model.sync_bn:  # backbone and decoders alike
+            method = sync_batchnorm(method, self.device)
+        self.method: Method = method.to(self.device)
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         broadcast_parameters(self.method)
@@ -222,20 +203,29 @@ class Pretrainer:
         self.scheduler = build_scheduler(
             self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch
         )
+        classes = self.loader.dataset.classes
+        if not classes and (cfg.monitor.online_linear or cfg.monitor.knn_every > 0):
+            log.info("unlabelled training data: the online linear probe and kNN monitor are off")
         self.probe = (
-            OnlineProbe(backbone.channels[-1], len(self.loader.dataset.classes)).to(self.device)
-            if cfg.monitor.online_linear
+            OnlineProbe(backbone.channels[-1], len(classes)).to(self.device)
+            if cfg.monitor.online_linear and classes
             else None
         )
         self.knn_monitor = (
             KNNMonitor(cfg, self.device)
-            if cfg.monitor.knn_every > 0 and self.info.is_main
+            if cfg.monitor.knn_every > 0 and self.info.is_main and classes
             else None
         )
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.step = 0
         self.lock: RunLock | None = None  # held by rank 0 while fit() runs
-        self.metrics = MetricsWriter(self.run_dir, self.info.is_main)
+        self.metrics = MetricsWriter(
+            self.run_dir, self.info.is_main, cfg if cfg.train.wandb else None
+        )
+        # fp16: one gradient scaler for all local losses of a step (Method.backward_loss)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        if self.scaler.is_enabled():
+            self.method.loss_scaler = self.scaler.scale
         self.skipped_images: list[str] = []
         self.skipped_count = 0
         if cfg.train.compile:
@@ -250,6 +240,7 @@ class Pretrainer:
             "backbone": self.method.backbone.body.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "probe": self.probe.state_dict() if self.probe else None,
             "step": self.step,
             "rng": rngs[0],  # rank 0's (what checkpoints before per-rank states held)
@@ -259,6 +250,7 @@ class Pretrainer:
                 "backbone": self.cfg.model.backbone,
                 "method": self.cfg.method.name,
                 "channels": self.method.backbone.channels,
+                "split_cuts": self.method.backbone.cuts,
                 "image_size": self.cfg.data.image_size,
                 "world_size": self.info.world_size,
                 "git": git_revision(),
@@ -291,6 +283,8 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if not extend:  # extend: keep the schedule built for the new horizon
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.probe and state.get("probe"):
             self.probe.load_state_dict(state["probe"])
         self.step = int(state["step"])
@@ -341,9 +335,16 @@ class Pretrainer:
         values = {k: float(v) for k, v in out.losses.items()}
         self.check_health(values)
         average_gradients(self.params)
+        if self.scaler.is_enabled():  # an inf/NaN gradient anywhere skips the whole step
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            values["loss_scale"] = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         if self.probe is not None:
             values.update(self.probe.step(out.features, labels.repeat(len(views))))
         values["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -438,9 +439,9 @@ class Pretrainer:
                 ):
                     self.save()
                     last_saved = self.step
-                # a signal or request_stop() (launcher hook); all ranks agree, so that they
-                # save and stop at the same step
-                stopped = stop.requested or _stop_request
+                # a signal or request_stop() (loco.stop; the Slurm entry point's USR2); all
+                # ranks agree, so that they save and stop at the same step
+                stopped = stop.reason()
                 if any_rank(bool(stopped)):
                     stopped = stopped or "a signal on another rank"
                 if stopped or self.step >= self.total_steps:

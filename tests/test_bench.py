@@ -19,7 +19,7 @@ from loco.config import Config
 from loco.methods import build_method
 from loco.methods.reference import naive_loco
 from loco.models.backbone import build_backbone
-from loco.models.recompute import parse_recompute_plan
+from loco.plans import parse_recompute_plan
 from loco.profiling import (
     LiveTensorTracker,
     SavedTensorTracker,
@@ -263,6 +263,11 @@ def test_bench_writes_json_and_markdown(tmp_path, capsys):
             assert row["ratios"]["saved_peak"] <= 0.7
     assert rows["loco_naive", "none"]["flops"] > rows["loco", "none"]["flops"]
     assert result["modules"][0]["profile"][0]["module"] == "S1"
+    for m, c in zip(result["modules"][0]["profile"], [8, 16, 32, 64], strict=True):
+        # decoder.conv_block is off: Linear(c, 32, no bias)-BN-ReLU-Linear(32, 128), 4 views
+        assert m["decoder_block_params"] == 0
+        assert m["decoder_params"] == c * 32 + 2 * 32 + 32 * 128 + 128
+        assert m["decoder_flops_forward"] == 2 * 4 * (c * 32 + 32 * 128)
     table = out.with_suffix(".md").read_text()
     assert "| loco_naive |" in table and "FLOPs ×e2e" in table
     assert "wrote" in capsys.readouterr().out

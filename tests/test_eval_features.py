@@ -18,8 +18,10 @@ from loco.data.augment import eval_transform
 from loco.data.folder import load_rgb
 from loco.errors import LocoError
 from loco.eval import features as feat_mod
-from loco.eval.features import extract_features, load_backbone, state_hash
+from loco.eval.features import extract_features, state_hash
+from loco.eval.network import load_backbone
 from loco.models.heads import pool
+from loco.rundir import RunDir
 
 TINY = "model.kwargs={channels: [16, 32, 64, 128]}"
 
@@ -55,14 +57,14 @@ def run_dir(tiny_folder_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def test_features_match_a_direct_forward_pass_and_are_reused(run_dir, tmp_path, monkeypatch):
     cfg, backbone, source = load_backbone(run_dir / "checkpoint.pt")
     assert (source.method, source.step) == ("loco", 2)
-    assert source.run_dir == run_dir.resolve()
+    assert RunDir.from_checkpoint(source.path).root == run_dir.resolve()
     sets = extract_features(
-        cfg, backbone, "val", "1,2,3,4", tmp_path, weights_id=source.checkpoint, progress=False
+        cfg, backbone, "val", "1,2,3,4", tmp_path, weights_id=source.weights_id, progress=False
     )
     assert sorted(sets) == [1, 2, 3, 4] and not any(fs.cached for fs in sets.values())
     folder = sets[1].path.parent
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["checkpoint"] == source.checkpoint and meta["n"] == 20
+    assert meta["checkpoint"] == source.weights_id and meta["n"] == 20
     assert meta["transform"] == {
         "resize": 32,
         "center_crop": 32,
@@ -92,7 +94,7 @@ def test_features_match_a_direct_forward_pass_and_are_reused(run_dir, tmp_path, 
 
     monkeypatch.setattr(feat_mod, "_extract", boom)
     again = extract_features(
-        cfg, backbone, "val", [2, 4], tmp_path, weights_id=source.checkpoint, progress=False
+        cfg, backbone, "val", [2, 4], tmp_path, weights_id=source.weights_id, progress=False
     )
     assert all(fs.cached for fs in again.values())
     assert {s: os.stat(fs.path).st_mtime_ns for s, fs in again.items()} == {
@@ -105,7 +107,7 @@ def test_changed_checkpoint_invalidates_cache(run_dir, tmp_path):
     ckpt_path = run_dir / "checkpoint.pt"
     cfg, backbone, source = load_backbone(ckpt_path)
     first = extract_features(
-        cfg, backbone, "val", "last", tmp_path, weights_id=source.checkpoint, progress=False
+        cfg, backbone, "val", "last", tmp_path, weights_id=source.weights_id, progress=False
     )
 
     state = torch.load(ckpt_path, weights_only=True)
@@ -113,9 +115,9 @@ def test_changed_checkpoint_invalidates_cache(run_dir, tmp_path):
     changed = tmp_path / "changed.pt"
     torch.save(state, changed)
     cfg2, backbone2, source2 = load_backbone(changed)
-    assert source2.checkpoint != source.checkpoint
+    assert source2.weights_id != source.weights_id
     second = extract_features(
-        cfg2, backbone2, "val", "last", tmp_path, weights_id=source2.checkpoint, progress=False
+        cfg2, backbone2, "val", "last", tmp_path, weights_id=source2.weights_id, progress=False
     )
     assert not second[4].cached
     assert second[4].path.parent != first[4].path.parent
@@ -144,7 +146,7 @@ def test_plain_state_dicts_random_init_and_mismatch(tiny_folder_root, tmp_path):
     _, b, _ = load_backbone(None, overrides=over, random_init=True, seed=3)
     _, c, _ = load_backbone(None, overrides=over, random_init=True, seed=4)
     assert state_hash(a) == state_hash(b) != state_hash(c)
-    assert (src_a.method, src_a.checkpoint) == ("random-init", "random-init-seed3")
+    assert (src_a.method, src_a.weights_id) == ("random-init", "random-init-seed3")
     with pytest.raises(LocoError, match="--checkpoint PATH or --random-init"):
         load_backbone(None, overrides=over)
 
@@ -157,7 +159,7 @@ def test_plain_state_dicts_random_init_and_mismatch(tiny_folder_root, tmp_path):
         extract_features(cfg, backbone, "val", "5", tmp_path, progress=False)
 
 
-def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys):
+def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys, caplog):
     from loco.eval import evaluate_run
 
     cfg = load_config(None, overrides(tiny_folder_root, run_dir))
@@ -206,8 +208,21 @@ def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys
     assert "knn-instdisc-custom" in capsys.readouterr().out
     saved = json.loads((run_dir / "results.json").read_text())
     assert len(saved) == len(rows) + 1
-    assert main(["eval", "knn", "--checkpoint", ckpt, "--stages", "4", "--no-progress"]) == 2
-    assert "exceeds the 40 training features" in capsys.readouterr().err
+    # one policy for k > the training set, in `loco eval` as in evaluate_run: skip that k,
+    # one warning line naming it (not one per stage); no k left is an error
+    caplog.clear()
+    assert main(["eval", "knn", "--checkpoint", ckpt, "--stages", "3,4", "--no-progress"]) == 0
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert skipped == ["kNN knn-dino: skipping k=100,200 (only 40 training images)"]
+    table_out = capsys.readouterr().out
+    assert "| S4 | knn-dino | k=20 |" in table_out and "k=100" not in table_out
+    assert (
+        main(
+            ["eval", "knn", "--checkpoint", ckpt, "--k", "50,60", "--stages", "4", "--no-progress"]
+        )
+        == 2
+    )
+    assert "every k (50,60) exceeds the 40 training images" in capsys.readouterr().err
 
     assert (
         main(
@@ -228,3 +243,19 @@ def test_evaluate_run_cli_and_report(run_dir, tiny_folder_root, tmp_path, capsys
     table = md.read_text()
     assert "| knn-dino | k=20 |" in table and "random-init" in table and "linear-cached" in table
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_augmented_probe_takes_one_lr_everywhere(run_dir, capsys):
+    """Several lrs for the augmented probe: the same one-line error from evaluate_run and
+    from `loco eval`, before any weights are read (the old evaluate_run took lrs[0])."""
+    from loco.eval import evaluate_run
+
+    with pytest.raises(LocoError, match=r"trains one lr, got 2 \(0.1,1\)"):
+        evaluate_run(
+            None, run_dir / "checkpoint.pt", knn=False, linear_protocol="augmented", lrs=[0.1, 1]
+        )
+    ckpt = str(run_dir / "checkpoint.pt")
+    argv = ["eval", "linear", "--checkpoint", ckpt, "--protocol", "augmented", "--lrs", "0.1,1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trains one lr, got 2 (0.1,1)" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from loco.errors import LocoError
 from loco.eval import knn as knn_mod
@@ -135,8 +136,21 @@ def test_k_larger_than_bank_is_a_clear_error(data, backend):
         bank.search(val, 51)
 
 
-def test_backend_resolution():
+def test_backend_resolution(monkeypatch):
     assert knn_mod.resolve_backend("faiss-cpu") == "faiss-cpu"
-    assert knn_mod.resolve_backend("auto") in ("faiss-cpu", "faiss-gpu", "torch")
+    if not torch.cuda.is_available():  # this machine, for real: faiss on the CPU
+        assert knn_mod.resolve_backend("auto") == "faiss-cpu"
+    # each branch of "auto"; the GPU's presence is faked (no GPU here), the choice is real
+    for faiss_gpu, cuda, expected in [
+        (True, True, "faiss-gpu"),
+        (False, True, "torch"),
+        (False, False, "faiss-cpu"),
+    ]:
+        monkeypatch.setattr(knn_mod, "_has_faiss_gpu", lambda v=faiss_gpu: v)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda v=cuda: v)
+        assert knn_mod.resolve_backend("auto") == expected
+    monkeypatch.setattr(knn_mod, "_has_faiss_gpu", lambda: False)
+    with pytest.raises(LocoError, match="faiss-gpu needs faiss-gpu"):
+        knn_mod.resolve_backend("faiss-gpu")
     with pytest.raises(LocoError, match="unknown"):
         knn_mod.resolve_backend("annoy")

@@ -157,3 +157,53 @@ def test_augmented_probe_leaves_backbone_untouched(tiny_folder_root, schedule):
     ]
     assert all((r.n_train, r.n_val) == (40, 20) for r in results)
     assert all(0 <= r.top1 <= r.top5 <= 100 for r in results)
+
+
+def test_step_schedule_divides_by_ten_at_30_60_90_percent():
+    """The paper's schedule on 100 epochs: x0.1 at epochs 30, 60 and 90."""
+    from loco.eval.linear import _lr_factor
+
+    got = {e: _lr_factor("step", e, 100) for e in (0, 29, 30, 59, 60, 89, 90, 99)}
+    assert got == pytest.approx(
+        {0: 1, 29: 1, 30: 0.1, 59: 0.1, 60: 0.01, 89: 0.01, 90: 1e-3, 99: 1e-3}
+    )
+
+
+def test_augmented_probe_trains_with_the_step_schedule(tiny_folder_root, monkeypatch):
+    """The lr of every optimizer step of a real 10-epoch probe: base lr 30 x batch/256,
+    x0.1 from epoch 3, 6 and 9 (30/60/90 %)."""
+    cfg = load_config(
+        None,
+        [
+            f"data.root={tiny_folder_root}",
+            "data.dataset=folder",
+            "model.kwargs={channels: [16, 32, 64, 128]}",
+            "data.num_workers=0",
+        ],
+    )
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.model, cfg.data.image_size)
+    seen: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):  # observe the lr, then the real step
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    linear_probe_augmented(
+        cfg,
+        backbone,
+        "last",
+        epochs=10,
+        batch_size=8,
+        train_per_class=1,
+        val_per_class=1,
+        device="cpu",
+        progress=False,
+    )
+    per_epoch = len(seen) // 10
+    assert per_epoch >= 1 and len(seen) == 10 * per_epoch
+    base = 30.0 * 8 / 256
+    expected = [base] * 3 + [base / 10] * 3 + [base / 100] * 3 + [base / 1000]
+    assert seen == pytest.approx([lr for lr in expected for _ in range(per_epoch)])

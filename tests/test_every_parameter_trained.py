@@ -101,7 +101,7 @@ def test_convnext_checkpoint_loads_for_eval(tmp_path):
     """A ConvNeXt run's checkpoint, an older one still holding ``head.norm``, and a plain timm
     state dict with a classifier all load into the backbone that ``loco eval`` builds."""
     from loco import checkpoint as ckpt
-    from loco.eval.features import load_backbone
+    from loco.eval.network import load_backbone
 
     model = make("convnext_atto", "e2e")
     model.cfg.model.kwargs = {"dims": [8, 16, 24, 32], "depths": [1, 1, 2, 1]}

@@ -191,3 +191,22 @@ def test_checkpoint_copied_where_hard_links_fail_and_directory_synced(tmp_path, 
     assert run.checkpoint.read_bytes() == run.step_checkpoint(3).read_bytes()
     assert os.stat(run.checkpoint).st_ino != os.stat(run.step_checkpoint(3)).st_ino  # a copy
     assert synced.count(True) >= 2  # checkpoints/ after its rename, the run dir after ours
+
+
+def test_a_run_whose_lock_was_taken_over_stops(tmp_path):
+    """A run frozen past the heartbeat timeout, whose lock another run then took over, stops at
+    its next step instead of writing on (all ranks: the check rides on the per-step agreement)."""
+    from types import SimpleNamespace
+
+    from loco.train import Pretrainer
+
+    held = RunLock(RunDir(tmp_path).lock, heartbeat_s=3600).acquire()
+    trainer = SimpleNamespace(lock=held, step=6, run_dir=tmp_path)
+    Pretrainer.check_health(trainer, {"loss/s1": 1.0})  # still ours: goes on
+    _write_lock(held.path, host="node9", pid=9, job_id="99")
+    held.refresh()
+    with pytest.raises(
+        LocoError, match="stopped at step 7: the run lock .* taken over by host node9"
+    ):
+        Pretrainer.check_health(trainer, {"loss/s1": 1.0})
+    held.release()

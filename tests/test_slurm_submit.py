@@ -22,12 +22,13 @@ import pytest
 import torch
 
 from loco import checkpoint as ckpt
+from loco import stop
 from loco.cli import main
 from loco.config import Config, load_config
 from loco.distributed import _submitit_env, expand_nodelist, job_port
 from loco.errors import LocoError
 from loco.launch import submit
-from loco.launch.jobs import DONE, sacct_states
+from loco.launch.status import DONE, sacct_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,10 +119,10 @@ def test_shipped_profiles_load():
     "text, message",
     [
         ("gpu_per_node: 8\n", "unknown key 'gpu_per_node'; did you mean 'gpus_per_node'?"),
-        ("nodes: four\n", "'nodes' must be an integer"),
+        ("nodes: four\n", "'nodes': expected an integer"),
         ("time: 3 days\n", "not a Slurm time"),
-        ("setup: {a: 1}\n", "'setup' must be a list"),
-        ("- partition\n", "must be a mapping"),
+        ("setup: {a: 1}\n", "'setup': expected a list"),
+        ("- partition\n", "must hold a mapping"),
     ],
 )
 def test_bad_profile_is_a_one_line_error(tmp_path, capsys, text, message):
@@ -146,18 +147,20 @@ def test_dry_run_prints_script_and_config_and_submits_nothing(tmp_path, capsys):
         "submit", "pretrain", "--config", str(REPO / "configs/imagenet_resnet50_loco_100ep.yaml"),
         "method.temperature=0.2", f"train.output_dir={out}",
         "--profile", "example", "--nodes", "4", "--gpus-per-node", "8", "--time", "72:00:00",
-        "--account", "lab", "--exclude", "gpu[03,07]", "--dry-run",
+        "--account", "root", "--partition", "debug", "--exclude", "gpu[03,07]", "--dry-run",
     ]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
     for line in [
         "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-        "#SBATCH --time=4320", "#SBATCH --signal=USR2@120", "#SBATCH --partition=gpu",
-        "#SBATCH --account=lab", "#SBATCH --exclude='gpu[03,07]'", "#SBATCH --cpus-per-task=10",
+        "#SBATCH --time=4320", "#SBATCH --signal=USR2@120", "#SBATCH --partition=debug",
+        "#SBATCH --account=root", "#SBATCH --exclude='gpu[03,07]'", "#SBATCH --cpus-per-task=10",
         "#SBATCH --mem-per-gpu=64G", "export OMP_NUM_THREADS=1", "srun --unbuffered",
         "--kill-on-bad-exit=1",
         f"{out}/slurm/%j/%j_0_log.err", "-m submitit.core._submit",
         "temperature: 0.2", "backbone: resnet50", "progress: false",
+        "tasks: 32 process(es) (4 node(s) x 8), 8 GPU(s) per node; optim.batch_size 128 per "
+        "process -> global batch 4096",
     ]:  # fmt: skip
         assert line in text, line
     assert sys.executable in text  # the jobs run this interpreter (the venv's)
@@ -176,10 +179,18 @@ def test_submit_options_anywhere_and_cpu_default_tasks(tmp_path, capsys):
     assert "max_steps: 5" in text
 
 
+def fake_checkpoint(path: Path) -> Path:
+    """A checkpoint whose header reads (a config, no weights): what the submit checks."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": Config().to_dict(), "step": 0}, path)
+    return path
+
+
 def test_dry_run_eval_sweep_is_one_array(tmp_path, capsys):
     parent = tmp_path / "sweep"
+    ck = fake_checkpoint(tmp_path / "run/checkpoint.pt")
     argv = [
-        "submit", "eval", "knn", "--checkpoint", str(tmp_path / "run/checkpoint.pt"), "--out", str(parent),
+        "submit", "eval", "knn", "--checkpoint", str(ck), "--out", str(parent),
         "--profile", "local", "--tasks-per-node", "1", "--sweep", "data.image_size=16,32",
         "--sweep", "k=10,20", "--max-parallel", "2", "--dry-run",
     ]  # fmt: skip
@@ -195,6 +206,69 @@ def test_dry_run_eval_sweep_is_one_array(tmp_path, capsys):
         assert f"{parent / tag}" in text
     assert "data.image_size=32 --k 20 --out" in text
     assert not parent.exists()
+
+
+def test_eval_and_transfer_jobs_get_one_task_whatever_the_profile(tmp_path, capsys):
+    ck = fake_checkpoint(tmp_path / "run/checkpoint.pt")
+    jobs = {
+        "eval": ["eval", "knn", "--checkpoint", str(ck), "--out", str(tmp_path / "ev")],
+        "transfer": ["transfer", "train", "--config", "mask_rcnn_R50_FPN_1x_frozen",
+                     "--checkpoint", str(ck), "--output-dir", str(tmp_path / "tr")],
+    }  # fmt: skip
+    for job, argv in jobs.items():
+        # the local profile has tasks_per_node: 2 (for pretraining)
+        assert main(["submit", *argv, "--profile", "local", "--dry-run"]) == 0
+        text = capsys.readouterr().out
+        assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --nodes=1" in text, job
+        assert "# tasks: 1 (`loco " in text
+        assert main(["submit", *argv, "--tasks-per-node", "2", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "runs one task on one node; drop --tasks-per-node 2" in err, err
+
+
+def test_refused_before_anything_is_queued(tmp_path, capsys):
+    def refused(*argv: str) -> str:
+        assert main(["submit", *argv, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+        return err
+
+    missing = str(tmp_path / "nope/checkpoint.pt")
+    assert "no such file" in refused("eval", "all", "--checkpoint", missing)
+    assert "no such file" in refused(
+        "transfer", "train", "--config", "mask_rcnn_R50_FPN_1x_frozen", "--checkpoint", missing
+    )
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "does not read as a checkpoint" in refused("eval", "knn", "--checkpoint", str(bad))
+    ck = str(fake_checkpoint(tmp_path / "run/checkpoint.pt"))
+    # the checkpoint's config with the job's overrides validates now, not on the node
+    assert "did you mean 'image_size'" in refused(
+        "eval", "knn", "--checkpoint", ck, "data.image_sise=8"
+    )
+    assert "train.resume" in refused("pretrain", f"train.resume={missing}")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_report_skips_folders_that_are_not_runs(tmp_path, capsys):
+    from loco.eval.results import make_row
+
+    parent = tmp_path / "lin_sweep"  # a sweep: task dirs and the array's slurm/ folder
+    (parent / "slurm").mkdir(parents=True)
+    for lr, top1 in (("0.1", 40.0), ("0.3", 42.5)):
+        row = make_row(
+            method="loco", backbone="resnet18", stage=4, protocol="linear", top1=top1, top5=90.0,
+            dataset="cifar10", checkpoint="abc", n_train=10, n_val=10, lr=float(lr),
+        )  # fmt: skip
+        (parent / f"lrs={lr}").mkdir()
+        (parent / f"lrs={lr}" / "results.json").write_text(json.dumps([row]))
+    runs = sorted(str(p) for p in parent.iterdir())  # what the shell makes of lin_sweep/*/
+    assert main(["report", *runs]) == 0
+    out = capsys.readouterr()
+    assert "42.5" in out.out and "40.0" in out.out or "40" in out.out
+    assert out.err.count("note: skipped 1 folder(s) without results.json") == 1
+    assert str(parent / "slurm") in out.err
+    assert main(["report", str(parent / "slurm")]) == 2  # nothing left: an error
 
 
 def test_sweep_points_and_tags(tmp_path):
@@ -238,13 +312,13 @@ def test_request_stop_saves_the_current_step_and_resumes_exactly(cifar_val_root,
     with pytest.raises(SystemExit):
         trainer.fit()
     assert ckpt.load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
-    assert train._stop_request is None  # consumed
+    assert stop.pending() is None  # consumed
     train.pretrain(cfg)
     assert metric_steps(tmp_path / "run") == [1, 2, 3, 4, 5, 6]
 
 
 def test_job_checkpoint_requeues_with_resume_until_the_limit(monkeypatch, tmp_path):
-    from loco.launch.job import LocoJob
+    from loco.launch.entry import LocoJob
 
     job = LocoJob(
         "pretrain", ["optim.max_steps=5"], str(tmp_path), config=Config().to_dict(), max_requeues=2
@@ -278,7 +352,16 @@ def test_jobs_command_reads_records_metrics_and_log(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "987654321" in text and "step 7 (epoch 1.75), s1 0.143" in text
     assert "line 28\nline 29\nprogress 2" in text and "line 27" not in text
-    assert main(["jobs", str(tmp_path)]) == 2  # nothing recorded there
+    # a job's one-line error is shown even when it is not among the last lines
+    log.write_text("error: data root '/x' not found\n" + log.read_text())
+    assert main(["jobs", str(run), "-n", "3"]) == 0
+    assert "987654321 failed with: error: data root '/x' not found" in capsys.readouterr().out
+    # a folder of runs: one line per run that has jobs
+    (tmp_path / "empty_run").mkdir()
+    assert main(["jobs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith(str(run)) and "987654321" in lines[1]
+    assert main(["jobs", str(tmp_path / "empty_run")]) == 2  # nothing recorded there
 
 
 # -- real jobs on the local cluster -----------------------------------------------------------
@@ -330,6 +413,14 @@ def jobs(cluster, cifar_val_root, tmp_path_factory):
         "--max-requeues", "1", *tiny(root, base / "timeout", "optim.max_steps=100000"),
     )  # fmt: skip
     run(
+        "requeued", "pretrain", "--profile", "local",
+        *tiny(root, base / "requeued", f"optim.max_steps={STEPS}", "data.num_workers=2"),
+    )  # fmt: skip
+    run(
+        "failing", "pretrain", "--profile", "local", "--tasks-per-node", "1",
+        *tiny(root, base / "failing", "optim.max_steps=2", f"data.root={base / 'no-data'}"),
+    )  # fmt: skip
+    run(
         "sweep", "pretrain", "--profile", "local", "--tasks-per-node", "1",
         "--sweep", "optim.base_lr=0.1,0.3", *tiny(root, base / "sweep", "optim.max_steps=2"),
     )  # fmt: skip
@@ -338,7 +429,7 @@ def jobs(cluster, cifar_val_root, tmp_path_factory):
     subprocess.run(["scancel", *ids], capture_output=True)
 
 
-def _wait(job_id: str, run_dir: Path, done, timeout_s: float = 150) -> dict:
+def _wait(job_id: str, run_dir: Path, done, timeout_s: float = 400) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         state = (sacct_states([job_id]) or {}).get(job_id)
@@ -360,17 +451,36 @@ def _log(run_dir: Path) -> str:
     return "".join(p.read_text() for p in sorted((run_dir / "slurm").rglob("*_log.*")))
 
 
-@pytest.mark.slurm
-def test_preempted_job_requeues_and_resumes_without_repeating_steps(jobs):
+def _running(run_dir: Path) -> None:
+    deadline = time.monotonic() + 300  # a loaded machine takes minutes to start 8 ranks
+    while len(metric_steps(run_dir)) < 3:  # training is under way
+        assert time.monotonic() < deadline, f"no training steps logged in {run_dir}"
+        time.sleep(0.2)
+    assert len(metric_steps(run_dir)) < STEPS, f"{run_dir} finished before its interruption"
+
+
+@pytest.fixture(scope="module")
+def interrupted(jobs) -> str:
+    """Interrupt the "preempted" and "requeued" jobs while they train; returns what `loco jobs`
+    printed for the requeued one right after `scontrol requeue`."""
     import submitit
 
     run_dir, job_id = jobs["preempted"]
-    deadline = time.monotonic() + 120
-    while len(metric_steps(run_dir)) < 3:  # training is under way
-        assert time.monotonic() < deadline, "no training steps logged"
-        time.sleep(0.2)
-    assert len(metric_steps(run_dir)) < STEPS, "finished before it could be interrupted"
+    _running(run_dir)
     submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id)._interrupt()  # SIGTERM, USR2
+    # `scontrol requeue` sends SIGTERM to every process of the step, data workers included
+    run_dir, job_id = jobs["requeued"]
+    _running(run_dir)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["jobs", str(run_dir)]) == 0
+    return text.getvalue()
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_and_resumes_without_repeating_steps(jobs, interrupted):
+    run_dir, job_id = jobs["preempted"]
     state = _wait(job_id, run_dir, lambda s: _finished(s) and s["runs"] >= 2)
     log = _log(run_dir)
     assert state["state"] == "COMPLETED", log[-3000:]
@@ -378,6 +488,55 @@ def test_preempted_job_requeues_and_resumes_without_repeating_steps(jobs):
     assert "stopped by SIG" in log and "resumed from" in log
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))  # each step exactly once
     assert ckpt.load(run_dir / "checkpoint.pt")["step"] == STEPS
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_with_workers_resumes_exactly(jobs, interrupted):
+    run_dir, job_id = jobs["requeued"]
+    row = next(ln for ln in interrupted.splitlines() if ln.startswith(job_id))
+    assert row.split()[2] == "1", interrupted  # the requeue count is current right away
+    state = _wait(job_id, run_dir, lambda s: _finished(s) and s["runs"] >= 2)
+    log = _log(run_dir)
+    assert state["state"] == "COMPLETED", log[-3000:]
+    assert "stopped by SIGTERM" in log and "resumed from" in log, log[-3000:]
+    assert "DataLoader worker" not in log and "Traceback" not in log, log[-3000:]
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))  # each step once
+    ref_dir, ref_id = jobs["reference"]  # 2 ranks, no workers: the same samples
+    _wait(ref_id, ref_dir, _finished)
+    a = ckpt.load(ref_dir / "checkpoint.pt")["method"]
+    b = ckpt.load(run_dir / "checkpoint.pt")["method"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slurm
+def test_error_inside_a_job_is_one_line_and_shown_by_jobs(jobs, capsys):
+    run_dir, job_id = jobs["failing"]
+    state = _wait(job_id, run_dir, _finished)
+    log = _log(run_dir)
+    assert state["state"] == "FAILED", log[-3000:]
+    errors = [ln for ln in log.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "no-data" in errors[0], log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert main(["jobs", str(run_dir), "-n", "1"]) == 0
+    assert f"{job_id} failed with: {errors[0]}" in capsys.readouterr().out
+
+
+@pytest.mark.slurm
+def test_refused_submit_is_one_line_and_leaves_nothing(cluster, tmp_path, capsys):
+    for flag, value, said in (
+        (
+            "--partition",
+            "nope",
+            "partition 'nope' does not exist on this cluster; partitions: debug",
+        ),
+        ("--gpus-per-node", "1", "sbatch refused the job: sbatch: error: Invalid generic resource"),
+    ):  # the first is our check on the login node, the second sbatch's own refusal
+        out = tmp_path / "run"
+        argv = ["submit", "pretrain", "--profile", "local", flag, value, f"train.output_dir={out}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and said in err and "\n" not in err, err
+        assert not out.exists()
 
 
 @pytest.mark.slurm

@@ -114,60 +114,22 @@ class SkippedImages:
         return f"skipped {len(self)} unreadable images (first: {', '.join(self.first)})"
 
 
-class ImageFolderDataset(Dataset):
-    """``root/<class>/**/<image>`` with classes in sorted order (or as given by ``classes``).
+class ImageFiles(Dataset):
+    """A fixed list of image files with integer targets (-1: no label).
 
-    Items are ``(transform(rgb_image), class_index)``, or None for an unreadable file. Paths
+    Items are ``(transform(rgb_image), target)``, or None for an unreadable file. Paths
     and targets are kept in numpy arrays, not Python lists, so DataLoader workers reading
     them do not turn fork's shared pages into private copies (ImageNet: 1.3M paths).
     """
 
+    classes: list[str]
+
     def __init__(
-        self, root: str | Path, transform: Any = None, classes: Sequence[str] | None = None
+        self, root: Path, paths: Sequence[str], targets: Sequence[int], transform: Any = None
     ) -> None:
-        self.root = Path(root)
+        self.root = root
         self.transform = transform
-        if not self.root.is_dir():
-            raise LocoError(
-                f"image folder '{self.root}' not found; expected {self.root}/<class>/<image>"
-            )
-        found = list_classes(self.root)
-        if classes is None:
-            classes = found
-        else:
-            extra = sorted(set(found) - set(classes))
-            if extra:
-                raise LocoError(
-                    f"'{self.root}' has class folders missing from the training split: "
-                    f"{', '.join(extra[:10])}; give both splits the same classes"
-                )
-        self.classes = list(classes)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        paths: list[bytes] = []
-        targets: list[int] = []
-        empty: list[str] = []
-        for idx, cls in enumerate(self.classes):
-            files = _images_under(self.root / cls) if (self.root / cls).is_dir() else []
-            if not files:
-                empty.append(cls)
-            paths.extend(os.fsencode(os.path.join(cls, f)) for f in files)
-            targets.extend([idx] * len(files))
-        if not paths:
-            raise LocoError(
-                f"'{self.root}' holds no images in class folders; expected "
-                f"{self.root}/<class>/<image> with extensions {', '.join(sorted(IMG_EXTENSIONS))}"
-            )
-        if empty:
-            shown = ", ".join(empty[:20]) + (", ..." if len(empty) > 20 else "")
-            log.warning(
-                "%s: %d of %d class folders hold no images: %s",
-                self.root,
-                len(empty),
-                len(self.classes),
-                shown,
-            )
-        self.empty_classes = empty
-        self._paths = np.array(paths)
+        self._paths = np.array([os.fsencode(p) for p in paths])
         self._targets = np.array(targets, dtype=np.int64)
         self.skipped = SkippedImages()
 
@@ -176,6 +138,10 @@ class ImageFolderDataset(Dataset):
 
     def path(self, index: int) -> str:
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
 
     @property
     def targets(self) -> list[int]:
@@ -197,11 +163,108 @@ class ImageFolderDataset(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
+class ImageFolderDataset(ImageFiles):
+    """``root/<class>/**/<image>`` with classes in sorted order (or as given by ``classes``)."""
+
+    def __init__(
+        self, root: str | Path, transform: Any = None, classes: Sequence[str] | None = None
+    ) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise LocoError(f"image folder '{root}' not found; expected {root}/<class>/<image>")
+        found = list_classes(root)
+        if classes is None:
+            classes = found
+        else:
+            extra = sorted(set(found) - set(classes))
+            if extra:
+                raise LocoError(
+                    f"'{root}' has class folders missing from the training split: "
+                    f"{', '.join(extra[:10])}; give both splits the same classes"
+                )
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        paths: list[str] = []
+        targets: list[int] = []
+        empty: list[str] = []
+        for idx, cls in enumerate(self.classes):
+            files = _images_under(root / cls) if (root / cls).is_dir() else []
+            if not files:
+                empty.append(cls)
+            paths.extend(os.path.join(cls, f) for f in files)
+            targets.extend([idx] * len(files))
+        if not paths:
+            raise LocoError(
+                f"'{root}' holds no images in class folders; expected "
+                f"{root}/<class>/<image> with extensions {', '.join(sorted(IMG_EXTENSIONS))}"
+                " (for images without classes set data.labels=false)"
+            )
+        if empty:
+            shown = ", ".join(empty[:20]) + (", ..." if len(empty) > 20 else "")
+            log.warning(
+                "%s: %d of %d class folders hold no images: %s",
+                root,
+                len(empty),
+                len(self.classes),
+                shown,
+            )
+        self.empty_classes = empty
+        super().__init__(root, paths, targets, transform)
+
+
+class UnlabelledImages(ImageFiles):
+    """Images without classes: every image under a folder (flat or nested in any way), or
+    the paths listed in a text file. Targets are -1; there are no classes."""
+
+    classes: list[str] = []
+    empty_classes: list[str] = []
+
+    @classmethod
+    def from_folder(cls, root: str | Path, transform: Any = None) -> UnlabelledImages:
+        root = Path(root)
+        if not root.is_dir():
+            raise LocoError(f"image folder '{root}' not found; set data.root=PATH")
+        paths = _images_under(root)
+        if not paths:
+            raise LocoError(
+                f"'{root}' holds no images (extensions {', '.join(sorted(IMG_EXTENSIONS))})"
+            )
+        return cls(root, paths, [-1] * len(paths), transform)
+
+    @classmethod
+    def from_list(
+        cls, list_file: str | Path, root: str | Path = "", transform: Any = None
+    ) -> UnlabelledImages:
+        """One image path per line (blank lines and ``#`` comments skipped); relative paths
+        are relative to ``root`` if given, else to the list file's folder."""
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise LocoError(f"data.list file '{list_file}' not found; give a text file of paths")
+        base = Path(root) if root else list_file.parent
+        lines = [ln.strip() for ln in list_file.read_text().splitlines()]
+        paths = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not paths:
+            raise LocoError(f"data.list file '{list_file}' names no images")
+        missing = [p for p in paths[:1000] if not (base / p).is_file()]
+        if missing:
+            raise LocoError(
+                f"data.list '{list_file}': {len(missing)} of the first {min(len(paths), 1000)} "
+                f"paths do not exist, e.g. '{base / missing[0]}'; relative paths are read "
+                f"from {base} (set data.root to change that)"
+            )
+        return cls(base, paths, [-1] * len(paths), transform)
+
+
+def has_loose_images(folder: Path) -> bool:
+    """True if image files lie directly in ``folder`` (a flat, unlabelled layout)."""
+    return any(e.is_file() and is_image_file(e.name) for e in os.scandir(folder))
+
+
 class FolderSubset(Dataset):
     """An optional fixed subset (``indices``) of an :class:`ImageFolderDataset`; subclasses
     decide what an item is."""
 
-    def __init__(self, base: ImageFolderDataset, indices: Sequence[int] | None = None) -> None:
+    def __init__(self, base: ImageFiles, indices: Sequence[int] | None = None) -> None:
         self.base = base
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
 

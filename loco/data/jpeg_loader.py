@@ -24,6 +24,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from loco.data.folder import FolderSubset, ImageFolderDataset, SkippedImages, load_rgb
 from loco.data.gpu_augment import BatchedSimCLR
+from loco.stop import worker_init
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 warns on every decode that its decoders will move to TorchCodec
@@ -208,6 +209,7 @@ class TensorPipelineLoader:
             drop_last=True,
             persistent_workers=num_workers > 0,
             generator=generator,
+            worker_init_fn=worker_init(),  # loco.stop: the main process decides when to stop
         )
 
     def __len__(self) -> int:

@@ -4,11 +4,13 @@ Reproducibility does not depend on worker processes: :class:`EpochSampler` draws
 ``(seed, epoch)`` alone, both the order and one augmentation seed per sample, and
 :class:`DatasetView` seeds torch's CPU generator with it around each sample. A run resumed
 at step k of an epoch, or run with a different ``num_workers``, sees the same pixels.
+Workers ignore the stop signals (:mod:`loco.stop`): the main process decides when to stop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,8 +21,11 @@ from loco.config import Config
 from loco.data.augment import SimCLRParams, SimCLRTransform, eval_transform
 from loco.data.folder import (
     FolderSubset,
+    ImageFiles,
     ImageFolderDataset,
     SkipUnreadable,
+    UnlabelledImages,
+    has_loose_images,
     list_classes,
     subset_per_class,
 )
@@ -28,6 +33,7 @@ from loco.data.gpu_augment import BatchedSimCLR
 from loco.data.jpeg_loader import TensorPipelineLoader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
+from loco.stop import worker_init
 
 
 class DatasetView(FolderSubset):
@@ -118,10 +124,8 @@ def build_pretrain_loader(
     (JPEGs decoded there too) and by the CPU workers otherwise.
     """
     data = cfg.data
-    root = resolve_data_root(data, splits=[data.train_split])
     tensor = data.pipeline == "tensor"
-    transform = None if tensor else SimCLRTransform(data)
-    base = ImageFolderDataset(root / data.train_split, transform=transform)
+    base = pretrain_images(cfg, transform=None if tensor else SimCLRTransform(data))
     indices = subset_per_class(base, data.per_class, cfg.train.seed) if data.per_class else None
     size = len(base) if indices is None else len(indices)
     sampler = EpochSampler(size, seed=cfg.train.seed, rank=rank, world_size=world_size)
@@ -149,7 +153,23 @@ def build_pretrain_loader(
         drop_last=True,
         persistent_workers=data.num_workers > 0,
         generator=generator,
+        worker_init_fn=worker_init(),  # workers outlive a stop signal: the step ends, saved
     )
+
+
+def pretrain_images(cfg: Config, transform: Any = None) -> ImageFiles:
+    """The pretraining images: ``data.list``, an unlabelled folder (``data.labels=false`` or
+    images directly in the folder), or the labelled ImageFolder train split."""
+    data = cfg.data
+    if data.list:
+        return UnlabelledImages.from_list(data.list, data.root, transform)
+    if data.root and (not data.labels or data.dataset == "folder"):
+        root = Path(data.root).expanduser()
+        folder = root / data.train_split if (root / data.train_split).is_dir() else root
+        if folder.is_dir() and (not data.labels or has_loose_images(folder)):
+            return UnlabelledImages.from_folder(folder, transform)
+    root = resolve_data_root(data, splits=[data.train_split])
+    return ImageFolderDataset(root / data.train_split, transform=transform)
 
 
 def build_eval_loader(
@@ -161,6 +181,12 @@ def build_eval_loader(
     of every split agree even if one split lacks a class. ``loader.dataset.classes`` names them.
     """
     data = cfg.data
+    if data.list or not data.labels:
+        raise LocoError(
+            "evaluation needs labelled images (<root>/<split>/<class>/<image>) but this config "
+            "pretrains on unlabelled data; point it at a labelled tree, e.g. `--data PATH` or "
+            "data.dataset=folder data.root=PATH data.labels=true data.list="
+        )
     root = resolve_data_root(data, splits=[split])
     train_dir = root / data.train_split
     classes = list_classes(train_dir) if split != data.train_split and train_dir.is_dir() else None
@@ -174,4 +200,5 @@ def build_eval_loader(
         num_workers=data.num_workers,
         collate_fn=SkipUnreadable(base.skipped, (3, size, size)),
         pin_memory=_pin(cfg),
+        worker_init_fn=worker_init(),
     )

@@ -1,6 +1,11 @@
 """Evaluation of frozen backbones per stage: cached features, weighted kNN, linear probes,
 ``results.json`` and reports.
 
+One path (:func:`~loco.eval.evaluate.evaluate_run`) serves ``loco eval``, ``loco
+quickstart``, ``tools/compare.py`` and Python callers. Modules: ``evaluate`` (the
+orchestration and its policies), ``network`` (weights + config + stages + device ->
+the backbone), ``features`` (the on-disk feature cache), ``knn``, ``linear``,
+``results``, ``report``; ``cli`` and ``features_cli`` only parse arguments.
 Submodules are imported on first use (``loco --help`` must not import faiss)::
 
     from loco.eval import evaluate_run, extract_features, knn_evaluate
@@ -12,11 +17,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "evaluate_run": "loco.eval.cli",
+    "EvalOptions": "loco.eval.evaluate",
+    "evaluate_run": "loco.eval.evaluate",
     "FeatureSet": "loco.eval.features",
-    "Source": "loco.eval.features",
     "extract_features": "loco.eval.features",
-    "load_backbone": "loco.eval.features",
+    "load_backbone": "loco.eval.network",
     "FeatureBank": "loco.eval.knn",
     "KNNProtocol": "loco.eval.knn",
     "PROTOCOLS": "loco.eval.knn",

@@ -1,253 +1,21 @@
-"""``loco eval knn | linear | all``, and :func:`evaluate_run`, the one-call evaluation.
+"""``loco eval knn | linear | all``: command-line arguments -> :func:`loco.eval.evaluate.evaluate_run`.
 
-Each evaluation loads the weights (a loco checkpoint of any method, a plain state dict,
-or ``--random-init``), reads or extracts the per-stage features (:mod:`loco.eval.features`),
-runs its protocol per stage, merges its rows into ``<run dir>/results.json``
-(:mod:`loco.eval.results`) and prints them as a markdown table.
+This module only parses; the evaluation itself (weights, features, kNN, linear probe,
+``results.json``) is :func:`~loco.eval.evaluate.evaluate_run`, the function
+``loco quickstart``, ``tools/compare.py`` and Python callers use too.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-import torch
-
-from loco.config import Config
 from loco.errors import LocoError
-from loco.eval.features import (
-    FeatureSet,
-    Source,
-    add_source_arguments,
-    dataset_name,
-    default_out_dir,
-    feature_sets,
-    load_backbone,
-    parse_stages,
-    source_from_args,
-)
-from loco.eval.knn import FeatureBank, get_protocol, knn_evaluate
-from loco.eval.linear import LinearResult, linear_probe_augmented, linear_probe_cached, preset_for
-from loco.eval.results import format_table, make_row, write_results
-from loco.models.backbone import StagedBackbone
-
-log = logging.getLogger("loco.eval")
-
-
-# -- building blocks -----------------------------------------------------------------------
-def _base_row(cfg: Config, source: Source) -> dict[str, Any]:
-    return {
-        "method": source.method,
-        "backbone": cfg.model.backbone,
-        "dataset": dataset_name(cfg),
-        "checkpoint": source.checkpoint,
-        "step": source.step,
-        "image_size": cfg.data.image_size,
-    }
-
-
-def knn_rows(
-    cfg: Config,
-    source: Source,
-    train: Mapping[int, FeatureSet],
-    val: Mapping[int, FeatureSet],
-    protocols: Sequence[str] = ("dino",),
-    *,
-    ks: Sequence[int] | None = None,
-    temperature: float | None = None,
-    backend: str = "auto",
-    device: str | torch.device | None = None,
-    drop_large_k: bool = False,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """kNN rows for every stage and protocol; one index per stage serves all protocols.
-
-    ``drop_large_k`` skips (with a warning) the k that exceed the training set instead of
-    failing, for small quick evaluations.
-    """
-    if device is not None and str(device) == "auto":
-        device = None
-    if backend == "auto" and device is not None and torch.device(device).type == "cpu":
-        backend = "faiss-cpu"
-    rows = []
-    for s in sorted(train):
-        tr, va = train[s], val[s]
-        bank = FeatureBank(tr.features, backend, device=device)
-        for name in protocols:
-            proto = get_protocol(name, ks, temperature)
-            if drop_large_k and max(proto.ks) > len(tr):
-                kept = tuple(k for k in proto.ks if k <= len(tr))
-                log.warning(
-                    "kNN %s: %d training images; skipping k > %d", proto.name, len(tr), len(tr)
-                )
-                if not kept:
-                    continue
-                proto = get_protocol(proto, kept)
-            results = knn_evaluate(
-                tr.features,
-                tr.labels,
-                va.features,
-                va.labels,
-                proto,
-                num_classes=max(tr.num_classes, va.num_classes),
-                bank=bank,
-                progress=progress,
-            )
-            for r in results:
-                rows.append(
-                    make_row(
-                        **_base_row(cfg, source),
-                        stage=s,
-                        protocol=r.protocol,
-                        k=r.k,
-                        temperature=r.temperature,
-                        top1=r.top1,
-                        top5=r.top5,
-                        primary=r.primary,
-                        n_train=len(tr),
-                        n_val=len(va),
-                    )
-                )
-        del bank
-    return rows
-
-
-def linear_rows(
-    cfg: Config, source: Source, results: Sequence[LinearResult]
-) -> list[dict[str, Any]]:
-    rows = []
-    for r in results:
-        extra = {"holdout_top1": r.holdout_top1, "sweep": r.sweep} if r.sweep is not None else {}
-        rows.append(
-            make_row(
-                **_base_row(cfg, source),
-                stage=r.stage,
-                protocol=r.protocol,
-                lr=r.lr,
-                epochs=r.epochs,
-                top1=r.top1,
-                top5=r.top5,
-                primary=True,
-                n_train=r.n_train,
-                n_val=r.n_val,
-                **extra,
-            )
-        )
-    return rows
-
-
-def evaluate_run(
-    cfg: Config | None,
-    checkpoint_path: str | Path | None,
-    out_dir: str | Path,
-    stages: str | Sequence[int] = "all",
-    knn: bool = True,
-    linear: bool = True,
-    train_per_class: int = 0,
-    val_per_class: int = 0,
-    *,
-    knn_protocols: Sequence[str] = ("dino",),
-    linear_protocol: str = "cached",
-    preset: str | None = None,
-    epochs: int | None = None,
-    lrs: Sequence[float] | None = None,
-    batch_size: int = 256,
-    seed: int | None = None,
-    device: str | torch.device | None = None,
-    backend: str = "auto",
-    cache_dir: str | Path | None = None,
-    backbone_name: str | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Evaluate one network per stage; write ``out_dir/results.json``; return the rows.
-
-    ``checkpoint_path=None`` evaluates the random initialisation of ``cfg``'s architecture
-    (seed ``cfg.train.seed`` unless ``seed`` is given): the floor. A loco checkpoint brings
-    its own architecture (``model`` section); ``cfg`` then supplies the data settings.
-    kNN (``knn_protocols``: "dino", "instdisc") and the linear probe (``linear_protocol``:
-    "cached" or "augmented", hyper-parameters from ``preset``, default by backbone) run on
-    ``train_per_class`` / ``val_per_class`` images per class (0 = all). k larger than the
-    training set are skipped with a warning. Features are cached in ``cache_dir``
-    (default ``out_dir/features``).
-    """
-    if cfg is None and checkpoint_path is None:
-        raise LocoError("evaluate_run needs a config or a checkpoint")
-    if linear_protocol not in ("cached", "augmented"):
-        raise LocoError(f"linear protocol '{linear_protocol}' unknown; use cached or augmented")
-    seed = (cfg.train.seed if cfg is not None else 0) if seed is None else seed
-    cfg, backbone, source = load_backbone(
-        checkpoint_path,
-        cfg=cfg,
-        backbone_name=backbone_name,
-        random_init=checkpoint_path is None,
-        seed=seed,
-    )
-    out_dir = Path(out_dir)
-    cache = Path(cache_dir) if cache_dir else out_dir / "features"
-    rows: list[dict[str, Any]] = []
-    need_features = knn or (linear and linear_protocol == "cached")
-    if need_features:
-        train, val = feature_sets(
-            cfg,
-            backbone,
-            source,
-            stages,
-            cache,
-            train_per_class=train_per_class,
-            val_per_class=val_per_class,
-            seed=seed,
-            batch_size=batch_size,
-            device=device,
-            progress=progress,
-        )
-        if knn:
-            rows += knn_rows(
-                cfg,
-                source,
-                train,
-                val,
-                knn_protocols,
-                backend=backend,
-                device=device,
-                drop_large_k=True,
-                progress=progress,
-            )
-    if linear:
-        p = preset_for(cfg.model.backbone, preset)
-        if linear_protocol == "cached":
-            results = linear_probe_cached(
-                train,
-                val,
-                lrs or p.lrs,
-                epochs=epochs or p.epochs,
-                batch_size=batch_size,
-                seed=seed,
-                device=device,
-                progress=progress,
-            )
-        else:
-            results = linear_probe_augmented(
-                cfg,
-                backbone,
-                stages,
-                lr=(lrs[0] if lrs else p.aug_lr),
-                schedule=p.aug_schedule,
-                momentum=p.aug_momentum,
-                weight_decay=p.aug_weight_decay,
-                epochs=epochs or p.aug_epochs,
-                batch_size=batch_size,
-                train_per_class=train_per_class,
-                val_per_class=val_per_class,
-                seed=seed,
-                device=device,
-                progress=progress,
-            )
-        rows += linear_rows(cfg, source, results)
-    write_results(out_dir, rows)
-    return rows
+from loco.eval.evaluate import KNN_PROTOCOLS, EvalOptions, evaluate_run
+from loco.eval.features_cli import add_source_arguments, config_from_args
+from loco.eval.network import default_out_dir
+from loco.eval.results import format_table
+from loco.rundir import RunDir
 
 
 # -- command line --------------------------------------------------------------------------
@@ -350,94 +118,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _linear_args(p, all_cmd=True)
 
 
-def _linear(
-    args: argparse.Namespace,
-    cfg: Config,
-    backbone: StagedBackbone,
-    source: Source,
-    train: Mapping[int, FeatureSet] | None,
-    val: Mapping[int, FeatureSet] | None,
-) -> list[dict[str, Any]]:
-    p = preset_for(cfg.model.backbone, args.preset)
-    progress = not args.no_progress
-    if args.linear_protocol == "cached":
-        assert train is not None and val is not None
-        results = linear_probe_cached(
-            train,
-            val,
-            args.lrs or p.lrs,
-            epochs=args.epochs or p.epochs,
-            batch_size=args.batch_size,
-            holdout=args.holdout,
-            seed=args.seed,
-            device=args.device,
-            progress=progress,
-        )
-    else:
-        lr = args.lrs[0] if args.lrs else p.aug_lr
-        if args.lrs and len(args.lrs) > 1:
-            raise LocoError("the augmented probe trains one lr; give one value to --lrs")
-        results = linear_probe_augmented(
-            cfg,
-            backbone,
-            args.stages,
-            lr=lr,
-            schedule=args.schedule or p.aug_schedule,
-            momentum=p.aug_momentum,
-            weight_decay=p.aug_weight_decay,
-            epochs=args.epochs or p.aug_epochs,
-            batch_size=args.batch_size,
-            train_per_class=args.train_per_class,
-            val_per_class=args.val_per_class,
-            seed=args.seed,
-            device=args.device,
-            progress=progress,
-        )
-    return linear_rows(cfg, source, results)
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    """The :class:`EvalOptions` that ``loco eval knn | linear | all`` asks for."""
+    knn = args.eval_command in ("knn", "all")
+    linear = args.eval_command in ("linear", "all")
+    protocol = getattr(args, "knn_protocol", "dino")
+    return EvalOptions(
+        stages=args.stages,
+        knn=knn,
+        linear=linear,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        knn_protocols=KNN_PROTOCOLS if protocol == "both" else (protocol,),
+        ks=getattr(args, "k", None),
+        temperature=getattr(args, "temperature", None),
+        backend=getattr(args, "backend", "auto"),
+        linear_protocol=getattr(args, "linear_protocol", "cached"),
+        preset=getattr(args, "preset", None),
+        epochs=getattr(args, "epochs", None),
+        lrs=getattr(args, "lrs", None),
+        schedule=getattr(args, "schedule", None),
+        holdout=getattr(args, "holdout", 0.1),
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        seed=args.seed,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, backbone, source = source_from_args(args)
-    out_dir = default_out_dir(source, args.out)
-    cache = Path(args.cache_dir) if args.cache_dir else out_dir / "features"
-    stages = parse_stages(args.stages, backbone.num_modules)
-    do_knn = args.eval_command in ("knn", "all")
-    do_linear = args.eval_command in ("linear", "all")
-    train = val = None
-    if do_knn or (do_linear and args.linear_protocol == "cached"):
-        train, val = feature_sets(
-            cfg,
-            backbone,
-            source,
-            stages,
-            cache,
-            train_per_class=args.train_per_class,
-            val_per_class=args.val_per_class,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.no_progress,
-        )
-    rows: list[dict[str, Any]] = []
-    if do_knn:
-        assert train is not None and val is not None
-        protocols = ("dino", "instdisc") if args.knn_protocol == "both" else (args.knn_protocol,)
-        rows += knn_rows(
-            cfg,
-            source,
-            train,
-            val,
-            protocols,
-            ks=args.k,
-            temperature=args.temperature,
-            backend=args.backend,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    if do_linear:
-        rows += _linear(args, cfg, backbone, source, train, val)
-    path = write_results(out_dir, rows)
+    if not args.checkpoint and not args.random_init:
+        raise LocoError("nothing to evaluate: pass --checkpoint PATH or --random-init")
+    cfg, overrides = config_from_args(args)
+    out_dir = default_out_dir(args.checkpoint, args.out)
+    rows = evaluate_run(
+        cfg,
+        args.checkpoint,
+        out_dir,
+        options_from_args(args),
+        overrides=overrides,
+        backbone_name=args.backbone,
+        random_init=args.random_init,
+        method_name=args.name,
+        prefix=args.prefix,
+    )
     print(format_table(rows))
-    print(f"\nresults: {path}")
+    print(f"\nresults: {RunDir(out_dir).results}")
     return 0

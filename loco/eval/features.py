@@ -1,4 +1,4 @@
-"""``loco features``: frozen per-stage readout features, extracted once and cached on disk.
+"""Frozen per-stage readout features, extracted once and cached on disk.
 
 The backbone runs in eval mode without augmentation (Resize + CenterCrop at the
 configured size, the eval transform of :mod:`loco.data.augment`); the output of each
@@ -14,14 +14,12 @@ transform. A different checkpoint therefore gets a different folder, and a re-ru
 the same inputs reads the existing one. Images changed in place under the same root
 are not detected: delete the cache folder then.
 
-Weights come from a loco checkpoint (any method), a plain timm/torchvision state dict
-(``--backbone NAME`` gives the architecture), or a seeded random initialisation of the
-same architecture (``--random-init``, the floor every method must beat).
+Which network runs (weights, config, device) is :mod:`loco.eval.network`'s job; the
+``loco features`` command is :mod:`loco.eval.features_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -29,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,46 +36,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from loco import checkpoint as ckpt
-from loco.config import Config, _merge, _parse_override, config_from_dict
+from loco.config import Config
 from loco.data.augment import eval_resize_size
 from loco.data.loaders import build_eval_loader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
+from loco.eval.network import parse_stages, resolve_device
 from loco.filelock import locked
-from loco.models.backbone import StagedBackbone, build_backbone
+from loco.models.backbone import StagedBackbone
 from loco.models.heads import pool
-from loco.rundir import RunDir
+from loco.stop import StopFlag
+from loco.weights import WeightsSource
 
 log = logging.getLogger("loco.eval.features")
 
 CACHE_VERSION = 1
-
-
-# -- where the weights come from ---------------------------------------------------------
-@dataclass
-class Source:
-    """The weights under evaluation, as results name them."""
-
-    method: str  # pretraining method, "random-init", or a label for an external state dict
-    checkpoint: str  # checkpoint file hash, or "random-init-seed<n>"
-    path: str | None = None  # the checkpoint file, when there is one
-    step: int | None = None  # pretraining step of a loco checkpoint
-
-    @property
-    def run_dir(self) -> Path | None:
-        """The run directory of a loco checkpoint (``RUN/checkpoint.pt``, ``RUN/checkpoints/x.pt``)."""
-        if self.path is None:
-            return None
-        return RunDir.from_checkpoint(self.path).root
-
-
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A copy of ``cfg`` with ``key=value`` overrides applied, validated."""
-    data = cfg.to_dict()
-    for text in overrides:
-        _merge(data, _parse_override(text))
-    return config_from_dict(data)
 
 
 def state_hash(module: torch.nn.Module, n: int = 16) -> str:
@@ -87,73 +60,6 @@ def state_hash(module: torch.nn.Module, n: int = 16) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:n]
-
-
-def load_backbone(
-    checkpoint: str | Path | None = None,
-    *,
-    cfg: Config | None = None,
-    overrides: Sequence[str] = (),
-    backbone_name: str | None = None,
-    random_init: bool = False,
-    seed: int = 0,
-    method_name: str | None = None,
-) -> tuple[Config, StagedBackbone, Source]:
-    """Build the staged backbone to evaluate and the config it was made with.
-
-    * loco checkpoint: its saved config (the ``model`` section always; ``data`` and the
-      rest unless ``cfg`` is given), then ``overrides``; weights from its ``backbone``.
-    * plain timm/torchvision state dict: architecture from ``backbone_name`` (or
-      ``cfg.model``); missing/unexpected keys raise one error listing them.
-    * ``random_init``: the same architecture with weights seeded by ``seed``.
-    """
-    state: dict[str, Any] | None = None
-    base = cfg
-    method, step = method_name, None
-    if checkpoint is not None:
-        state = ckpt.load(checkpoint)
-        saved = state.get("config")
-        if isinstance(saved, dict) and "backbone" in state:  # a loco checkpoint
-            try:
-                saved_cfg = config_from_dict(saved)
-            except LocoError as exc:
-                raise LocoError(
-                    f"checkpoint '{checkpoint}' holds a config this loco cannot read: {exc}"
-                ) from None
-            if base is None:
-                base = saved_cfg
-            else:
-                base = config_from_dict({**base.to_dict(), "model": saved_cfg.to_dict()["model"]})
-            meta = state.get("meta") or {}
-            method = method or str(meta.get("method") or saved_cfg.method.name)
-            step = int(state["step"]) if isinstance(state.get("step"), int) else None
-        elif backbone_name is None and cfg is None:
-            raise LocoError(
-                f"'{checkpoint}' is a plain state dict without a loco config; pass --backbone NAME "
-                "(the timm model it was trained as, e.g. resnet50) and the image size, e.g. data.image_size=224"
-            )
-        else:
-            method = method or Path(checkpoint).stem
-    elif not random_init:
-        raise LocoError("nothing to evaluate: pass --checkpoint PATH or --random-init")
-    cfg = apply_overrides(base or Config(), overrides)
-    if backbone_name:
-        cfg.model.backbone = backbone_name
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        backbone = build_backbone(cfg.model, cfg.data.image_size)
-    if random_init:
-        source = Source(
-            "random-init", f"random-init-seed{seed}", str(checkpoint) if checkpoint else None
-        )
-        return cfg, backbone, source
-    assert state is not None and checkpoint is not None
-    ckpt.load_backbone_weights(backbone.body, ckpt.backbone_state(state), str(checkpoint))
-    return (
-        cfg,
-        backbone,
-        Source(method or "unknown", ckpt.file_hash(checkpoint), str(checkpoint), step),
-    )
 
 
 # -- features ----------------------------------------------------------------------------
@@ -182,31 +88,6 @@ class FeatureSet:
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else int(self.labels.max()) + 1
-
-
-def parse_stages(stages: str | Sequence[int] | int, num_modules: int) -> list[int]:
-    """``"all"``, ``"1,2,4"``, ``"last"``, an int or a list -> sorted 1-based stage numbers."""
-    if isinstance(stages, str):
-        text = stages.strip().lower()
-        if text == "all":
-            return list(range(1, num_modules + 1))
-        if text == "last":
-            return [num_modules]
-        try:
-            stages = [int(s) for s in text.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise LocoError(
-                f"--stages '{stages}' not understood; use all, last or numbers such as 1,2,3,4"
-            ) from None
-    elif isinstance(stages, int):
-        stages = [stages]
-    out = sorted(set(int(s) for s in stages))
-    bad = [s for s in out if not 1 <= s <= num_modules]
-    if bad or not out:
-        raise LocoError(
-            f"stage(s) {bad or stages} do not exist: this backbone has stages 1..{num_modules}"
-        )
-    return out
 
 
 def split_folder(cfg: Config, split: str) -> str:
@@ -261,15 +142,6 @@ def _open_cached(folder: Path, meta: dict[str, Any], stage: int) -> FeatureSet |
     return FeatureSet(
         feats, labels, stage, list(meta.get("classes", [])), folder / info["file"], cached=True
     )
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LocoError("--device cuda but no CUDA device is visible; use --device auto or cpu")
-    return device
 
 
 def extract_features(
@@ -344,6 +216,27 @@ def extract_features(
     return out
 
 
+@contextlib.contextmanager
+def _removed_on_error(paths: Iterable[Path]) -> Iterator[None]:
+    """Delete ``paths`` when the block raises (or exits on a stop)."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _stopped(reason: str, split: str) -> SystemExit:
+    log.warning(
+        "stopped by %s during feature extraction of '%s'; nothing cached for it: run the "
+        "same command again",
+        reason,
+        split,
+    )
+    return SystemExit(143 if reason == "SIGTERM" else 130)
+
+
 def _extract(
     cfg: Config,
     backbone: StagedBackbone,
@@ -382,8 +275,13 @@ def _extract(
     bar = tqdm(
         loader, desc=f"features {split}", disable=not progress, dynamic_ncols=True, file=sys.stderr
     )
-    with torch.inference_mode(), autocast:
+    # a stop signal ends the extraction after the current batch; the temporary files go and
+    # meta.json (written last: what marks a cache complete) is not written: a rerun extracts
+    with torch.inference_mode(), autocast, StopFlag() as stop, _removed_on_error(tmp.values()):
         for images, y, bad in bar:
+            if stop.reason():
+                bar.close()
+                raise _stopped(stop.reason(), split)
             skipped += bad
             b = y.numel()
             if b == 0:
@@ -443,133 +341,10 @@ def _extract(
     return new_meta
 
 
-# -- command line (shared with `loco eval`) -----------------------------------------------
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments naming the weights and the data; shared by `loco features` and `loco eval`."""
-    g = parser.add_argument_group("weights")
-    g.add_argument(
-        "--checkpoint",
-        help="loco checkpoint (RUN/checkpoint.pt) or a plain timm/torchvision state dict",
-    )
-    g.add_argument(
-        "--backbone",
-        help="timm model name for a plain state dict or --random-init without a checkpoint",
-    )
-    g.add_argument(
-        "--random-init",
-        action="store_true",
-        help="seeded random weights of the same architecture (the floor)",
-    )
-    g.add_argument(
-        "--seed", type=int, default=0, help="random-init seed and subset seed (default 0)"
-    )
-    g.add_argument(
-        "--config",
-        "-c",
-        help="YAML config for the architecture/data when there is no loco checkpoint",
-    )
-    g.add_argument("--name", help="method label in results (default: the checkpoint's method)")
-    d = parser.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        metavar="DIR",
-        help="ImageFolder root with train/ and val/ (sets data.dataset=folder)",
-    )
-    d.add_argument("--workers", type=int, help="data loader workers (default: the config's)")
-    d.add_argument(
-        "--batch-size", type=int, default=256, help="images per forward pass (default 256)"
-    )
-    d.add_argument("--cache-dir", help="feature cache (default: RUN/features, or OUT/features)")
-    d.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    d.add_argument(
-        "--dtype", default="float16", choices=("float16", "float32"), help="cached feature dtype"
-    )
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides applied on top of the checkpoint's config, e.g. data.image_size=224",
-    )
-
-
-def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, Source]:
-    overrides = list(args.overrides or [])
-    if args.data:
-        overrides = [f"data.root={args.data}", "data.dataset=folder", *overrides]
-    if args.workers is not None:
-        overrides.append(f"data.num_workers={args.workers}")
-    cfg = None
-    if args.config:
-        from loco.config import load_config
-
-        cfg = load_config(args.config)
-    return load_backbone(
-        args.checkpoint,
-        cfg=cfg,
-        overrides=overrides,
-        backbone_name=args.backbone,
-        random_init=args.random_init,
-        seed=args.seed,
-        method_name=args.name,
-    )
-
-
-def default_out_dir(source: Source, out: str | None) -> Path:
-    if out:
-        return Path(out)
-    if source.run_dir is not None:
-        return source.run_dir
-    raise LocoError(
-        "--random-init without --checkpoint needs --out DIR for its results and features"
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_source_arguments(parser)
-    parser.add_argument(
-        "--split", default="train", help="train | val | a split folder name (default train)"
-    )
-    parser.add_argument(
-        "--stages", default="all", help="1-based stages, e.g. 1,2,3,4 (default all)"
-    )
-    parser.add_argument(
-        "--per-class", type=int, default=0, help="images per class (default 0 = all)"
-    )
-    parser.add_argument(
-        "--out", help="where the cache goes when there is no run dir (OUT/features)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg, backbone, source = source_from_args(args)
-    cache = (
-        Path(args.cache_dir) if args.cache_dir else default_out_dir(source, args.out) / "features"
-    )
-    sets = extract_features(
-        cfg,
-        backbone,
-        args.split,
-        args.stages,
-        cache,
-        weights_id=source.checkpoint if source.path and source.method != "random-init" else None,
-        per_class=args.per_class,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
-    print("| stage | n | dim | cached | file |\n|---|---|---|---|---|")
-    for s, fs in sets.items():
-        print(f"| S{s} | {len(fs)} | {fs.dim} | {'reused' if fs.cached else 'new'} | {fs.path} |")
-    return 0
-
-
 def feature_sets(
     cfg: Config,
     backbone: StagedBackbone,
-    source: Source,
+    source: WeightsSource,
     stages: str | Sequence[int],
     cache_dir: Path,
     *,
@@ -582,9 +357,8 @@ def feature_sets(
     progress: bool = True,
 ) -> tuple[Mapping[int, FeatureSet], Mapping[int, FeatureSet]]:
     """Train and val features of ``stages`` for the weights of ``source``."""
-    weights_id = source.checkpoint if source.method != "random-init" else None
     common = dict(
-        weights_id=weights_id,
+        weights_id=source.cache_id,
         seed=seed,
         batch_size=batch_size,
         device=device,

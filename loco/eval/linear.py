@@ -41,9 +41,11 @@ from loco.data.folder import ImageFolderDataset, SkipUnreadable, subset_per_clas
 from loco.data.loaders import DatasetView, EpochSampler, build_eval_loader
 from loco.data.shipped import resolve_data_root
 from loco.errors import LocoError
-from loco.eval.features import FeatureSet, parse_stages, resolve_device
+from loco.eval.features import FeatureSet
+from loco.eval.network import parse_stages, resolve_device
 from loco.models.backbone import StagedBackbone
 from loco.models.heads import pool
+from loco.stop import worker_init
 
 log = logging.getLogger("loco.eval.linear")
 
@@ -382,6 +384,7 @@ def linear_probe_augmented(
         collate_fn=SkipUnreadable(base.skipped, (3, size, size)),
         pin_memory=dev.type == "cuda",
         persistent_workers=data.num_workers > 0,
+        worker_init_fn=worker_init(),  # loco.stop: workers outlive a stop signal
     )
     C = len(base.classes)
     was_training = backbone.training

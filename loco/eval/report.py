@@ -11,6 +11,7 @@ rows; matplotlib, Agg backend: no display needed).
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--all", action="store_true", help="every k / lr, not only each protocol's headline"
     )
+    e = parser.add_argument_group(
+        "embedding plot", "2-D picture of the val features instead of a table"
+    )
+    e.add_argument(
+        "--embedding",
+        action="store_true",
+        help="draw RUN_DIRs' val features in 2-D, coloured by class (one panel per run; "
+        "PNG at --plot or RUN/embedding_<projection>.png)",
+    )
+    e.add_argument("--stage", default="last", help="stage to draw: N, last (default) or all")
+    e.add_argument("--projection", default="tsne", choices=("tsne", "umap"))
+    e.add_argument("--per-class", type=int, default=100, help="val images per class (100)")
 
 
 def load_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Rows of every run, each tagged with ``run`` (its directory name)."""
+    """Rows of every run, each tagged with ``run`` (its directory name).
+
+    Folders without a ``results.json`` (a sweep's ``slurm/`` matched by ``SWEEP/*/``, a task
+    not evaluated yet) are skipped with one note; an error only when no run is left."""
+    skipped = [str(r) for r in runs if Path(r).is_dir() and not RunDir(r).results.is_file()]
+    if skipped:
+        print(
+            f"note: skipped {len(skipped)} folder(s) without results.json: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
+        if len(skipped) == len(runs):
+            raise LocoError(f"no results.json in {', '.join(skipped)}; run `loco eval` first")
     rows = []
-    for run in runs:
+    for run in (r for r in runs if str(r) not in skipped):
         path = Path(run)
         label = path.parent.name if path == RunDir(path.parent).results else path.name
         for r in read_results(path):
@@ -210,6 +234,18 @@ def plot_results(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.embedding:
+        from loco.eval.embedding import embedding_report
+
+        path, drawn = embedding_report(
+            args.runs,
+            args.plot,
+            stage=args.stage,
+            projection=args.projection,
+            per_class=args.per_class,
+        )
+        print(f"embedding ({sum(drawn.values())} points in {len(drawn)} panels): {path}")
+        return 0
     rows = _select(load_runs(args.runs), args.protocol, args.all)
     table = report_table(rows)
     print(table)

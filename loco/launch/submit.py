@@ -4,7 +4,7 @@
         --profile mycluster --nodes 4 --gpus-per-node 8 --time 72:00:00
 
 One Slurm task per GPU (``--tasks-per-node`` defaults to ``--gpus-per-node``); each task runs
-:class:`loco.launch.job.LocoJob`, which brings up torch.distributed from the job environment
+:class:`loco.launch.entry.LocoJob`, which brings up torch.distributed from the job environment
 and requeues itself on timeout or preemption. Everything after the job name goes to
 ``loco JOB`` unchanged, except the submit options below (write the job's arguments after
 ``--`` to pass them verbatim). Defaults come from a cluster profile (``--profile NAME|PATH``
@@ -16,9 +16,10 @@ in ``RUN_DIR/slurm/jobs.jsonl``, where ``loco jobs RUN_DIR`` finds them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
-import difflib
+import io
 import itertools
 import json
 import math
@@ -26,15 +27,20 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loco.config import _coerce, _suggest, read_yaml
 from loco.errors import LocoError
-from loco.rundir import RunDir
+from loco.rundir import RunDir, preflight
 
 JOBS = ("pretrain", "eval", "transfer")
 PROFILE_ENV = "LOCO_SLURM_PROFILE"
@@ -75,38 +81,9 @@ KINDS = {f.name: f.type for f in dataclasses.fields(SlurmOptions)}
 
 
 # -- profiles ------------------------------------------------------------------------------
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-
-
-def _coerce(key: str, value: Any, where: str) -> Any:
-    kind = KINDS[key]
-    bad = f"{where}: '{key}'"
-    if value is None:
-        return None
-    if "list" in kind:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str | int | float) for v in items):
-            raise LocoError(f"{bad} must be a list of strings, got {value!r}")
-        return [str(v) for v in items]
-    if "dict" in kind:
-        if not isinstance(value, dict):
-            raise LocoError(f"{bad} must be a mapping such as {{mail-type: END}}, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    if "int" in kind:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise LocoError(f"{bad} must be an integer, got {value!r}")
-        try:
-            number = int(value)
-        except ValueError:
-            raise LocoError(f"{bad} must be an integer, got {value!r}") from None
-        if number < 0:
-            raise LocoError(f"{bad} must be >= 0, got {number}")
-        return number
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise LocoError(f"{bad} must be a string, got {value!r}")
-    return str(value)
+# keys and values are checked by the config's own rules (loco.config), so that a profile and
+# a config file fail the same way
+HINTS = typing.get_type_hints(SlurmOptions)
 
 
 def check_options(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -116,7 +93,11 @@ def check_options(data: dict[str, Any], where: str) -> dict[str, Any]:
         key = str(raw).replace("-", "_")
         if key not in KINDS:
             raise LocoError(f"{where}: unknown key '{raw}'{_suggest(key, list(KINDS))}")
-        out[key] = _coerce(key, value, where)
+        out[key] = _coerce(value, HINTS[key], f"{where}: '{raw}'")
+        if isinstance(out[key], int) and out[key] < 0:
+            raise LocoError(f"{where}: '{raw}' must be >= 0, got {out[key]}")
+        if isinstance(out[key], dict):
+            out[key] = {str(k): str(v) for k, v in out[key].items()}
     if "time" in out:
         parse_time(out["time"], where)
     return out
@@ -146,11 +127,9 @@ def find_profile(name: str) -> Path:
 def load_profile(name: str) -> tuple[Path, dict[str, Any]]:
     path = find_profile(name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise LocoError(f"profile '{path}' is not valid YAML: {exc}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise LocoError(f"profile '{path}' must be a mapping of option: value")
+        data = read_yaml(path)  # a profile may start from another: `_base_: other.yaml`
+    except LocoError as exc:
+        raise LocoError(f"profile: {exc}") from None
     return path, check_options(data, f"profile '{path}'")
 
 
@@ -173,7 +152,7 @@ def parse_time(text: str | int, where: str = "--time") -> int:
 
 
 def resolve_options(args: argparse.Namespace) -> tuple[SlurmOptions, str | None]:
-    """Built-in defaults <- profile <- command line."""
+    """Built-in defaults <- profile <- command line; eval and transfer jobs get one task."""
     values: dict[str, Any] = {}
     profile = args.profile or os.environ.get(PROFILE_ENV)
     source = None
@@ -186,7 +165,27 @@ def resolve_options(args: argparse.Namespace) -> tuple[SlurmOptions, str | None]
     parse_time(opts.time)
     if opts.nodes < 1:
         raise LocoError("--nodes must be at least 1")
+    if getattr(args, "job", "pretrain") != "pretrain":
+        single_task(args.job, opts, cli)
     return opts, source
+
+
+def single_task(job: str, opts: SlurmOptions, cli: dict[str, Any]) -> None:
+    """``loco eval`` runs in one process, ``loco transfer`` starts its own GPU processes
+    (Detectron2's ``--num-gpus``): one Slurm task each, whatever a profile sets for
+    pretraining (Slurm would run the whole job once per task)."""
+    for key, flag in (("nodes", "--nodes"), ("tasks_per_node", "--tasks-per-node")):
+        if (cli.get(key) or 1) > 1:
+            raise LocoError(
+                f"`loco submit {job}` runs one task on one node; drop {flag} {cli[key]}"
+                + (
+                    " (give `loco transfer` --num-gpus for several GPUs)"
+                    if job == "transfer"
+                    else ""
+                )
+            )
+    opts.nodes = 1
+    opts.tasks_per_node = 1
 
 
 # -- command line --------------------------------------------------------------------------
@@ -426,6 +425,107 @@ def build_tasks(job: str, argv: list[str], points: list[dict[str, str]]) -> tupl
     return base, tasks
 
 
+# -- checks on the login node, before anything is queued -------------------------------------
+def read_checkpoint(path: str | Path, flag: str = "--checkpoint") -> dict[str, Any]:
+    """The checkpoint's dict, memory-mapped (reads its header, not gigabytes of weights)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise LocoError(f"{flag} {path}: no such file; give a run's checkpoint.pt")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated, not a torch file, pickled code
+        reason = next((ln for ln in str(exc).splitlines() if ln.strip()), repr(exc))
+        raise LocoError(f"{flag} {path} does not read as a checkpoint: {reason.strip()}") from None
+    if not isinstance(obj, dict):
+        raise LocoError(f"{flag} {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def check_job(job: str, tasks: list[Task], world_size: int) -> None:
+    """What would otherwise fail on the node: the checkpoint, the config, the run dir."""
+    from loco.config import config_from_dict
+
+    if job == "pretrain":
+        for t in tasks:  # run lock and resume rules: the checks the run makes at its start
+            preflight(config_from_dict(t.config or {}), world_size)
+        return
+    ns = _parse_job(job, tasks[0].argv)
+    weights = getattr(ns, "weights", None)  # Detectron2's .pth/.pkl: its own formats
+    if weights and not Path(weights).is_file():
+        raise LocoError(f"--weights {weights}: no such file")
+    if getattr(ns, "checkpoint", None):
+        state = read_checkpoint(ns.checkpoint)
+        if job == "eval" and isinstance(state.get("config"), dict):
+            from loco.eval.network import apply_overrides
+
+            for t in tasks:  # the checkpoint's config with each task's overrides
+                overrides = getattr(_parse_job(job, t.argv), "overrides", None) or []
+                apply_overrides(config_from_dict(state["config"]), overrides)
+
+
+def _slurm_says(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_cluster(opts: SlurmOptions) -> None:
+    """The partition and account exist, where ``scontrol``/``sacctmgr`` can say so."""
+    if opts.partition:
+        out = _slurm_says(["scontrol", "show", "partition", opts.partition])
+        if out is not None and out.returncode != 0 and "not found" in out.stdout + out.stderr:
+            names = _slurm_says(["sinfo", "-h", "-o", "%R"])
+            known = sorted(set(names.stdout.split())) if names and names.returncode == 0 else []
+            raise LocoError(
+                f"partition '{opts.partition}' does not exist on this cluster"
+                + (f"; partitions: {', '.join(known)}" if known else "")
+                + " (--partition or the profile's partition)"
+            )
+    if opts.account:
+        out = _slurm_says(
+            ["sacctmgr", "-n", "-P", "show", "account", opts.account, "format=Account"]
+        )
+        if out is not None and out.returncode == 0 and not out.stdout.strip():
+            raise LocoError(
+                f"account '{opts.account}' is unknown to Slurm's accounting (sacctmgr show "
+                "account); check --account or the profile's account"
+            )
+
+
+@contextlib.contextmanager
+def _sbatch_stderr() -> Iterator[list[str]]:
+    """Hold what sbatch writes to stderr (submitit lets it through): a refusal then reads as
+    one line of ours, not sbatch's lines plus ours. The lines are yielded for that message."""
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    copied = io.StringIO()  # submitit copies the command's stderr to sys.stderr
+    with tempfile.TemporaryFile(mode="w+") as held, contextlib.redirect_stderr(copied):
+        os.dup2(held.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            said += held.read().splitlines() + copied.getvalue().splitlines()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (to undo a mkdir)."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 # -- submitit ------------------------------------------------------------------------------
 def sbatch_parameters(opts: SlurmOptions, job_name: str, array_size: int = 1) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters (named as its ``#SBATCH`` flags)."""
@@ -528,9 +628,11 @@ def run(args: argparse.Namespace) -> int:
     array = len(tasks) if points != [{}] else 1
     job_name = opts.job_name or f"loco-{args.job}-{base.name}"[:64]
     folder = Path(opts.folder).expanduser().resolve() if opts.folder else RunDir(base).slurm / "%j"
+    check_job(args.job, tasks, opts.nodes * opts.tasks())
+    check_cluster(opts)
     params = sbatch_parameters(opts, job_name, array)
     executor = make_executor(folder, opts, params, render_only=args.dry_run)
-    from loco.launch.job import LocoJob
+    from loco.launch.entry import LocoJob
 
     jobs = [
         LocoJob(args.job, t.argv, str(t.run_dir), config=t.config, max_requeues=opts.max_requeues)
@@ -545,16 +647,23 @@ def run(args: argparse.Namespace) -> int:
                 print(batch_and_lr(tasks[0].config, stages, opts.nodes * opts.tasks()))
         return _print_dry_run(args.job, opts, profile, executor, tasks, array, base)
 
+    new_dirs = {d for d in (_first_missing(base), _first_missing(folder)) if d is not None}
     base.mkdir(parents=True, exist_ok=True)
     try:
-        submitted = [executor.submit(jobs[0])] if array == 1 else executor.submit_array(jobs)
+        with _sbatch_stderr() as said:
+            submitted = [executor.submit(jobs[0])] if array == 1 else executor.submit_array(jobs)
     except Exception as exc:  # sbatch refused: partition, account, limits...
+        for d in new_dirs:  # a refused submit leaves nothing behind
+            shutil.rmtree(d, ignore_errors=True)
+        text = "\n".join([*said, str(exc)])
         lines = (
-            [ln for ln in str(exc).splitlines() if "error" in ln.lower()]
-            or str(exc).splitlines()
+            [ln for ln in text.splitlines() if "error" in ln.lower()]
+            or text.splitlines()
             or [repr(exc)]
         )
         raise LocoError(f"sbatch refused the job: {lines[-1].strip()}") from None
+    for line in said:  # accepted, with warnings: show them
+        print(line, file=sys.stderr)
     now = datetime.datetime.now().isoformat(timespec="seconds")
     rows = []
     for job, task in zip(submitted, tasks):
@@ -591,6 +700,19 @@ def _where(opts: SlurmOptions) -> str:
     )
 
 
+def _processes(job: str, opts: SlurmOptions, config: dict[str, Any] | None) -> str:
+    """What runs: processes, GPUs and, for pretraining, the global batch."""
+    gpus = f"{opts.gpus_per_node} GPU(s) per node" if opts.gpus_per_node else "no GPU"
+    if job != "pretrain":
+        return f"tasks: 1 (`loco {job}` runs once, in one task; the profile's tasks_per_node is for pretraining), {gpus}"
+    ranks = opts.nodes * opts.tasks()
+    batch = (config or {}).get("optim", {}).get("batch_size")
+    text = f"tasks: {ranks} process(es) ({opts.nodes} node(s) x {opts.tasks()}), {gpus}"
+    if batch:
+        text += f"; optim.batch_size {batch} per process -> global batch {batch * ranks}"
+    return text
+
+
 def _print_submitted(
     job: str, opts: SlurmOptions, rows: list[dict[str, Any]], base: Path, array: int
 ) -> None:
@@ -625,6 +747,7 @@ def _print_dry_run(
     print(f"# profile: {profile or '(none: built-in defaults)'}")
     print(f"# python on the nodes: {opts.python or sys.executable}")
     print(f"# {_where(opts)}; requeued on timeout/preemption at most {opts.max_requeues} time(s)")
+    print(f"# {_processes(job, opts, tasks[0].config)}")
     for t in tasks:
         print(f"# task -> {_short(t.run_dir)}: loco {job} {shlex.join(t.argv)}")
     print(f"# status afterwards: loco jobs {_short(base)}")

@@ -8,19 +8,23 @@ routing is visible in the code (and tested against independent computations).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from loco.config import Config
+from loco.config import Config, MethodConfig
 from loco.errors import LocoError
 from loco.losses import nt_xent
 from loco.models.backbone import StagedBackbone
 from loco.models.heads import ProjectionDecoder, pool
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: dict[str, type[Method]] = {}  # the one list of methods: name -> class
+SHARED_OPTIONS = ("name", "temperature", "gather_negatives")  # method.* keys every method reads
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -29,11 +33,45 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def check_method_config(m: MethodConfig) -> None:
+    """``method.name`` is registered, and the method accepts every ``method.*`` key that
+    differs from its default (configs and checkpoints hold every key, so "set" means
+    "changed"): a key of another method is an error naming its owner."""
+    if m.name not in METHODS:
+        close = difflib.get_close_matches(m.name, list(METHODS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise LocoError(
+            f"config key 'method.name' = {m.name!r} is not one of "
+            f"{', '.join(sorted(METHODS))}{hint}"
+        )
+    cls = METHODS[m.name]
+    defaults = MethodConfig()
+    for f in dataclasses.fields(m):
+        value = getattr(m, f.name)
+        if f.name in SHARED_OPTIONS or f.name in cls.options or value == getattr(defaults, f.name):
+            continue
+        owners = sorted(n for n, c in METHODS.items() if f.name in c.options)
+        raise LocoError(
+            f"method.{f.name}={value} has no effect with method.name={m.name}: it is an option "
+            f"of {' and '.join(owners) or 'no method'}; remove it or choose that method"
+        )
+    cls.check_options(m)
+
+
+def options_for(m: MethodConfig, name: str) -> MethodConfig:
+    """``m`` for method ``name``: the options ``name`` does not read back at their defaults
+    (``loco bench`` measures several methods with one config)."""
+    own = (*SHARED_OPTIONS, *METHODS[name].options) if name in METHODS else ()
+    defaults = MethodConfig()
+    kept = {
+        f.name: getattr(m if f.name in own else defaults, f.name) for f in dataclasses.fields(m)
+    }
+    return MethodConfig(**{**kept, "name": name})
+
+
 def build_method(backbone: StagedBackbone, cfg: Config) -> Method:
-    name = cfg.method.name
-    if name not in METHODS:
-        raise LocoError(f"unknown method '{name}'; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name](backbone, cfg)
+    check_method_config(cfg.method)
+    return METHODS[cfg.method.name](backbone, cfg)
 
 
 @dataclass
@@ -47,6 +85,12 @@ class Method(nn.Module):
     """Base class. Subclasses set ``name`` and implement ``training_step``."""
 
     name: ClassVar[str] = ""
+    # the method.* keys this method reads besides SHARED_OPTIONS; others must keep defaults
+    options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_options(cls, m: MethodConfig) -> None:
+        """Reject bad values of this method's own options (one-line LocoError)."""
 
     def __init__(self, backbone: StagedBackbone, cfg: Config) -> None:
         super().__init__()
@@ -54,6 +98,7 @@ class Method(nn.Module):
         self.cfg = cfg
         self.temperature = cfg.method.temperature
         self.gather = cfg.method.gather_negatives
+        self.loss_scaler: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # -- building blocks -------------------------------------------------------------
     def projection_heads(self, modules: list[int]) -> nn.ModuleDict:
@@ -76,9 +121,16 @@ class Method(nn.Module):
         """
         h_leaf = h.detach().requires_grad_(True)
         loss = self.head_loss(k, h_leaf)
-        loss.backward()
+        self.backward_loss(loss)
         assert h_leaf.grad is not None
         return loss.detach(), h_leaf.grad
+
+    def backward_loss(self, loss: torch.Tensor) -> None:
+        """Where every backward pass of a step starts. Under fp16 the trainer sets
+        ``loss_scaler`` (a GradScaler's ``scale``): each local loss is scaled by the same
+        factor, so the cotangents routed between modules and every ``.grad`` carry it and
+        one ``unscale_``/``step`` serves the whole step."""
+        (self.loss_scaler(loss) if self.loss_scaler is not None else loss).backward()
 
     def head_loss(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return self.contrastive_loss(self.heads[str(k)], h)

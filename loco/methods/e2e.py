@@ -21,5 +21,5 @@ class EndToEnd(Method):
     ) -> StepOutput:
         h = self.backbone(torch.cat(views))[-1]
         loss = self.head_loss(self.top, h)
-        loss.backward()
+        self.backward_loss(loss)
         return StepOutput({f"loss/s{self.top + 1}": loss.detach()}, self.readout(h))

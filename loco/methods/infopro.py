@@ -25,6 +25,13 @@ def interpolate(first: float, last: float, k: int, n: int) -> float:
 @register
 class InfoPro(Method):
     name = "infopro"
+    options = (
+        "lambda1_first",
+        "lambda1_last",
+        "lambda2_first",
+        "lambda2_last",
+        "supervised",
+    )
 
     def __init__(self, backbone, cfg) -> None:
         super().__init__(backbone, cfg)

@@ -23,19 +23,26 @@ from __future__ import annotations
 
 import torch
 
+from loco.errors import LocoError
 from loco.methods.base import Method, StepOutput, register
 
 
 @register
 class LoCo(Method):
     name = "loco"
+    options = ("first_stage_loss", "shared_update")
+
+    @classmethod
+    def check_options(cls, m) -> None:
+        if m.shared_update not in ("both", "upper"):
+            raise LocoError(
+                f"config key 'method.shared_update' = {m.shared_update!r} is not one of both, upper"
+            )
 
     def __init__(self, backbone, cfg) -> None:
         super().__init__(backbone, cfg)
         first = 0 if cfg.method.first_stage_loss else 1
         if backbone.num_modules < 2:
-            from loco.errors import LocoError
-
             raise LocoError(
                 "method.name=loco needs at least 2 local modules; use a finer model.split"
             )

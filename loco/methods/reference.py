@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from loco.errors import LocoError
-from loco.methods.base import Method, StepOutput
+from loco.methods.base import Method, StepOutput, register
+from loco.methods.loco import LoCo
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,19 @@ class Reference(Method):
             for j in range(known + 1, k):
                 h = outputs[j] = self.backbone.forward_module(j, h)
         return h.detach()
+
+
+@register
+class NaiveLoCo(Reference):
+    """LoCo computed the straightforward way (every unit {S_{k-1}, S_k} recomputes S_{k-1}):
+    the same gradients as ``loco`` at more FLOPs; the 'naive' row of ``loco bench``."""
+
+    name = "loco_naive"
+    options = LoCo.options
+    check_options = LoCo.check_options
+
+    def __init__(self, backbone, cfg) -> None:
+        super().__init__(LoCo(backbone, cfg))
 
 
 def naive_loco(method: Method) -> Reference:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ from torch.utils.checkpoint import checkpoint
 
 from loco.config import ModelConfig
 from loco.errors import LocoError
+from loco.models.balance import MEASURE_BATCH, balanced_cuts, measure_blocks
+from loco.plans import parse_split
+
+log = logging.getLogger("loco.models")
 
 VIT_EMBED = "<embed>"  # pseudo-unit: patch embedding + position embedding of a ViT
 
@@ -143,44 +148,52 @@ def _walk_units(model: nn.Module) -> list[Unit]:
     return units
 
 
-def resolve_split(units: list[Unit], split: object) -> list[list[Unit]]:
-    """Group units into local modules: "stages", "blocks", or a list of cut points."""
+def resolve_split(
+    units: list[Unit], split: object, costs: Sequence[float] | None = None
+) -> list[list[Unit]]:
+    """Group units into local modules per ``model.split`` (grammar: :func:`loco.plans.parse_split`).
+
+    A block is a unit after the stem; the stem joins the first block. ``balanced:K`` needs
+    ``costs``, one per block (:func:`loco.models.balance.measure_blocks`)."""
+    spec = parse_split(split)
     n_stages = max(u.stage for u in units) + 1
-    # a block = a unit after the stem; the stem is merged into the first block
     first_block = next(i for i, u in enumerate(units) if u.is_block)
-    if split == "stages":
+    n_blocks = len(units) - first_block
+    if spec.kind == "stages":
         groups = [[u for u in units if u.stage == s] for s in range(n_stages)]
         return [g for g in groups if g]
-    if split == "blocks":
-        cuts = list(range(first_block + 1, len(units)))
-    elif isinstance(split, int) and not isinstance(split, bool):
-        k = split
-        n_blocks = len(units) - first_block
-        if not 1 <= k <= n_blocks:
-            raise LocoError(
-                f"model.split={k} local modules is impossible: this backbone has {n_blocks} blocks; "
-                f"use 1..{n_blocks}, 'stages' or 'blocks'"
-            )
-        cuts = [first_block + round(i * n_blocks / k) for i in range(1, k)]
-    elif isinstance(split, Sequence) and not isinstance(split, str):
-        n_blocks = len(units) - first_block
-        try:
-            blocks = [int(c) for c in split]
-        except (TypeError, ValueError):
-            raise LocoError(f"model.split cut points must be integers, got {list(split)}") from None
-        if blocks != sorted(set(blocks)) or not all(0 < c < n_blocks for c in blocks):
+    if spec.kind in ("count", "balanced") and not 1 <= spec.count <= n_blocks:
+        raise LocoError(
+            f"model.split={split!r}: {spec.count} local modules is impossible: this backbone has "
+            f"{n_blocks} blocks; use 1..{n_blocks} modules, 'stages' or 'blocks'"
+        )
+    if spec.kind == "blocks":
+        blocks = list(range(1, n_blocks))
+    elif spec.kind == "count":
+        blocks = [round(i * n_blocks / spec.count) for i in range(1, spec.count)]
+    elif spec.kind == "balanced":
+        if costs is None or len(costs) != n_blocks:
+            raise ValueError(f"balanced split needs one cost per block ({n_blocks})")
+        blocks = balanced_cuts(costs, spec.count)
+    else:
+        blocks = list(spec.cuts)
+        if not all(0 < c < n_blocks for c in blocks):
             raise LocoError(
                 f"model.split cut points {blocks} are invalid: give increasing block indices in "
                 f"1..{n_blocks - 1} (this backbone has {n_blocks} blocks; a module starts at each cut)"
             )
-        cuts = [first_block + c for c in blocks]
-    else:
-        raise LocoError(
-            f"model.split={split!r} not understood; use 'stages', 'blocks', a number of modules, "
-            "or a list of block indices such as [2, 4, 6]"
-        )
-    edges = [0, *cuts, len(units)]
+    edges = [0, *(first_block + c for c in blocks), len(units)]
     return [units[a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+
+def split_cuts(groups: list[list[Unit]]) -> list[int]:
+    """The block indices where modules 2..K start (the list form of any split)."""
+    first_block = next(i for i, u in enumerate(groups[0]) if u.is_block)
+    cuts, seen = [], -first_block
+    for g in groups[:-1]:
+        seen += len(g)
+        cuts.append(seen)
+    return cuts
 
 
 class StagedBackbone(nn.Module):
@@ -211,6 +224,8 @@ class StagedBackbone(nn.Module):
         self.channels = [o.shape[-1] if o.dim() == 3 else o.shape[1] for o in outs]
         self.reductions = [image_size // o.shape[-1] if o.dim() == 4 else 0 for o in outs]
         self.image_size = image_size
+        self.cuts = split_cuts(groups)  # block indices where modules 2..K start
+        self.block_costs: list[int] | None = None  # per block, for a balanced split
 
     @property
     def num_modules(self) -> int:
@@ -549,14 +564,31 @@ def _finish_units(
     return [Unit(path, stage, is_block=False, trailing=True) for path in trailing], head
 
 
-def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
-    """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``."""
-    kwargs: dict[str, object] = {"num_classes": 0, "pretrained": False, **cfg.kwargs}
-    if cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
+def timm_kwargs(cfg: ModelConfig, image_size: int) -> dict[str, object]:
+    """The ``timm.create_model`` arguments that shape the weights (what an export records)."""
+    kwargs = dict(cfg.kwargs)
     if "vit" in cfg.backbone or "deit" in cfg.backbone:
         kwargs["img_size"] = image_size
         kwargs["dynamic_img_size"] = True
+    return kwargs
+
+
+def build_backbone(
+    cfg: ModelConfig, image_size: int, cuts: Sequence[int] | None = None
+) -> StagedBackbone:
+    """Create the timm model named by ``cfg.backbone`` and split it per ``cfg.split``.
+
+    ``cuts``: the cut points a ``balanced:K`` run chose (its checkpoint's
+    ``meta.split_cuts``), used instead of measuring again so a resume splits the same way."""
+    import loco.models.presnet  # noqa: F401  (registers presnet50* with timm; not on --help's path)
+
+    kwargs: dict[str, object] = {
+        "num_classes": 0,
+        "pretrained": False,
+        **timm_kwargs(cfg, image_size),
+    }
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     try:
         model = timm.create_model(cfg.backbone, **kwargs)
     except RuntimeError as exc:
@@ -578,12 +610,46 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> StagedBackbone:
                 "or stem conv); set model.small_image=false"
             )
     units = _walk_units(model)
-    groups = resolve_split(units, cfg.split)
+    spec = parse_split(cfg.split)
+    costs: list[int] | None = None
+    if spec.kind == "balanced" and cuts is not None:
+        groups = resolve_split(units, list(cuts))  # a resumed run: the cuts it trained with
+        if len(groups) != spec.count:
+            raise LocoError(
+                f"model.split={cfg.split!r} but the checkpoint's cuts {list(cuts)} give "
+                f"{len(groups)} modules; resume with the run's own config"
+            )
+    elif spec.kind == "balanced":
+        costs = block_costs(model, units, image_size, spec.metric)
+        groups = resolve_split(units, cfg.split, costs)
+        log.info(
+            "model.split=%s: cuts %s from per-block %s (fp32, CPU, batch %d, %d px)",
+            cfg.split,
+            split_cuts(groups),
+            "forward FLOPs" if spec.metric == "flops" else "saved-activation bytes",
+            MEASURE_BATCH,
+            image_size,
+        )
+    else:
+        groups = resolve_split(units, cfg.split)
     trailing, head = _finish_units(model, units, image_size)
     for path in head:  # timm's post-pooling head: not part of a backbone (docs/methods.md)
         model.set_submodule(path, nn.Identity())
     groups[-1] = [*groups[-1], *trailing]
     _check_every_parameter_trained(model, [u for g in groups for u in g], cfg.backbone)
-    if cfg.sync_bn and torch.distributed.is_available() and torch.distributed.is_initialized():
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return StagedBackbone(model, groups, cfg.backbone, image_size)
+    backbone = StagedBackbone(model, groups, cfg.backbone, image_size)
+    backbone.block_costs = costs
+    return backbone
+
+
+def block_costs(model: nn.Module, units: list[Unit], image_size: int, metric: str) -> list[int]:
+    """Each block's cost under :mod:`loco.models.balance`'s fixed recipe."""
+    blocks = StagedBackbone(model, resolve_split(units, "blocks"), "", image_size)
+    with batchnorm_stats_kept([model]):
+        return measure_blocks(
+            blocks.forward_module,
+            blocks.num_modules,
+            image_size,
+            metric,
+            exclude=[*model.parameters(), *model.buffers()],
+        )

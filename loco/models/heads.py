@@ -20,6 +20,7 @@ from timm.models import convnext, regnet, resnet
 
 from loco.config import DecoderConfig
 from loco.errors import LocoError
+from loco.models import presnet
 from loco.models.backbone import StagedBackbone
 
 
@@ -151,6 +152,7 @@ _BUILDERS: dict[type[nn.Module], Callable[[Any, int], nn.Module]] = {
     convnext.ConvNeXtBlock: _convnext_stage,
     ir.InvertedResidual: _efficientnet_pair,
     ir.DepthwiseSeparableConv: _efficientnet_pair,
+    presnet.Block: presnet.decoder_block,
 }
 _BLOCK_TYPES = tuple(_BUILDERS)
 
@@ -168,7 +170,7 @@ def conv_block(backbone: StagedBackbone, k: int) -> nn.Module:
         found = type(backbone.unit_module(backbone.groups[k][-1])).__name__
         raise LocoError(
             f"decoder.conv_block has no block for '{backbone.name}' (module S{k + 1} ends in a "
-            f"{found}; supported: timm ResNet/ResNeXt, RegNet, ConvNeXt, EfficientNet/MobileNet); "
+            f"{found}; supported: timm ResNet/ResNeXt, RegNet, ConvNeXt, EfficientNet/MobileNet, PResNet); "
             "use decoder.conv_block=false"
         )
     build = next(b for t, b in _BUILDERS.items() if isinstance(ref, t))

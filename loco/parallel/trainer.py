@@ -38,7 +38,7 @@ from loco.distributed import any_rank, barrier, broadcast_parameters, init_distr
 from loco.errors import LocoError
 from loco.methods import Method, build_method
 from loco.models.backbone import build_backbone
-from loco.models.recompute import parse_recompute_plan
+from loco.plans import parse_recompute_plan
 from loco.monitor import OnlineProbe
 from loco.optim import build_optimizer, build_scheduler, scaled_lr
 from loco.parallel.layout import StageLayout, check_modules, check_request, make_groups

@@ -4,7 +4,7 @@ The timm model is built and split by :func:`loco.models.backbone.build_backbone`
 ``split="stages"``; each stage becomes one output named after its stride (``res2`` at
 stride 4 ... ``res5`` at 32), so stock FPN / RPN / ROI-head configs work unchanged. The
 weights are the ``backbone`` entry of a loco checkpoint of any method (or a plain timm /
-torchvision state dict), loaded with :func:`loco.checkpoint.load_backbone_weights`.
+torchvision state dict), read by :func:`loco.weights.read_weights`.
 
 Config keys (``add_loco_config``)::
 
@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,10 +38,11 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.utils import comm
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 
-from loco import checkpoint as ckpt
-from loco.config import Config, DataConfig, ModelConfig, config_from_dict
+from loco.checkpoint import load_backbone_weights
+from loco.config import Config, DataConfig, ModelConfig
 from loco.errors import LocoError
 from loco.models.backbone import StagedBackbone, build_backbone
+from loco.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +88,19 @@ def read_loco_checkpoint(path: str, backbone: str = "resnet50") -> LocoCheckpoin
     ``path=""`` gives a randomly initialised ``backbone`` with ImageNet statistics.
     """
     data = DataConfig()
+    plain = ModelConfig(backbone=backbone, small_image="false")
     if not path:
-        model = ModelConfig(backbone=backbone, small_image="false")
-        return LocoCheckpoint(model, 224, data.mean, data.std, "random-init", None, "random init")
-    obj = ckpt.load(path)
-    state = ckpt.backbone_state(obj)
-    if isinstance(obj.get("config"), dict):
-        cfg = config_from_dict(obj["config"])
-        method = str((obj.get("meta") or {}).get("method") or cfg.method.name)
-    else:  # a plain timm/torchvision state dict: the name comes from MODEL.LOCO.BACKBONE
-        cfg = Config(model=ModelConfig(backbone=backbone, small_image="false"))
-        method = Path(path).stem
+        return LocoCheckpoint(plain, 224, data.mean, data.std, "random-init", None, "random init")
+    source = read_weights(path)
+    cfg = source.config or Config(model=plain)  # plain state dict: MODEL.LOCO.BACKBONE
     return LocoCheckpoint(
-        cfg.model, cfg.data.image_size, list(cfg.data.mean), list(cfg.data.std), method, state, path
+        cfg.model,
+        cfg.data.image_size,
+        list(cfg.data.mean),
+        list(cfg.data.std),
+        source.method,
+        source.state,
+        path,
     )
 
 
@@ -125,7 +125,7 @@ def build_staged(source: LocoCheckpoint) -> StagedBackbone:
     )
     staged = build_backbone(model_cfg, PROBE_SIZE)
     if source.state is not None:
-        ckpt.load_backbone_weights(staged.body, source.state, source.source)
+        load_backbone_weights(staged.body, source.state, source.source)
     if small:
         body = staged.body
         if not (isinstance(getattr(body, "conv1", None), nn.Conv2d) and hasattr(body, "maxpool")):

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from loco import checkpoint as ckpt
-from loco.config import DataConfig, config_from_dict
+from loco.config import DataConfig
 from loco.errors import LocoError
+from loco.weights import read_weights
 
 _BN = r"(weight|bias|running_mean|running_var)"
 _RULES = [
@@ -171,14 +171,11 @@ def convert_checkpoint(
     path: str | Path, input_format: str = "RGB"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the ``.pkl`` payload, the config values it needs) for a loco ResNet checkpoint."""
-    obj = ckpt.load(path)
-    state = ckpt.backbone_state(obj)
+    source = read_weights(path)
+    assert source.state is not None
+    state = source.state
     model = timm_resnet_to_detectron2(state, input_format)
-    data = (
-        config_from_dict(obj["config"]).data
-        if isinstance(obj.get("config"), dict)
-        else DataConfig()
-    )
+    data = source.config.data if source.config else DataConfig()
     mean = [round(m * 255, 3) for m in data.mean]
     std = [round(s * 255, 3) for s in data.std]
     if input_format == "BGR":

@@ -37,7 +37,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import DefaultTrainer, launch
+from detectron2.engine import DefaultTrainer, HookBase, launch
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -46,6 +46,7 @@ from fvcore.common.checkpoint import _filter_reused_missing_keys
 from loco import checkpoint as ckpt
 from loco.errors import LocoError
 from loco.eval.results import make_row, write_results
+from loco.stop import StopFlag, worker_init
 from loco.transfer import datasets as ds
 from loco.transfer.backbone import add_loco_config, read_loco_checkpoint
 
@@ -214,8 +215,43 @@ def setup_cfg(
     return cfg
 
 
+class StopAtSignal(HookBase):
+    """SIGTERM/SIGINT/SIGUSR1 (or the Slurm entry's USR2 request, :mod:`loco.stop`) end
+    training after the current iteration with a checkpoint that ``--resume`` continues."""
+
+    def before_train(self) -> None:
+        self.flag = StopFlag().__enter__()
+
+    def after_step(self) -> None:
+        reason = self.flag.reason()
+        if not any(comm.all_gather(bool(reason))):  # all ranks stop at the same iteration
+            return
+        it = self.trainer.iter
+        if comm.is_main_process():
+            self.trainer.checkpointer.save(f"model_{it:07d}", iteration=it)
+        log.warning("stopped by %s at iteration %d; run the same command to resume", reason, it)
+        raise SystemExit(143 if reason == "SIGTERM" else 130)
+
+    def after_train(self) -> None:
+        self.flag.__exit__(None, None, None)
+
+
 class LocoTrainer(DefaultTrainer):
-    """DefaultTrainer scoring with pycocotools (no compiled Detectron2 op)."""
+    """DefaultTrainer scoring with pycocotools (no compiled Detectron2 op); data workers
+    ignore the stop signals and a stop signal saves and ends training (:class:`StopAtSignal`)."""
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        loader = super().build_train_loader(cfg)
+        inner = loader  # Detectron2 wraps the DataLoader (aspect-ratio grouping)
+        while inner is not None and not isinstance(inner, torch.utils.data.DataLoader):
+            inner = getattr(inner, "dataset", getattr(inner, "_dataset", None))  # no len()
+        if inner is not None:  # set before its first iteration starts the workers
+            inner.worker_init_fn = worker_init(inner.worker_init_fn)
+        return loader
+
+    def build_hooks(self) -> list[HookBase]:
+        return [*super().build_hooks(), StopAtSignal()]
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None):

@@ -5,22 +5,27 @@ job calls it; torch.distributed comes up from submitit's ``JobEnvironment``
 (:func:`loco.distributed.init_distributed`), so the training code is the one that runs
 under torchrun or in a single process.
 
-Stopping a pretraining job without losing or repeating a step:
+Stopping a job without losing or repeating a step:
 
 1. Slurm sends USR2 ``signal_delay_s`` seconds before the time limit (``#SBATCH --signal``);
    a simulated preemption (submitit's ``job._interrupt()``) sends SIGTERM, then USR2. The job
-   routes USR2 to :func:`loco.train.request_stop` instead of submitit's handler, which would
-   checkpoint in the middle of a step; the trainer catches SIGTERM itself.
+   routes USR2 to :func:`loco.stop.request_stop` instead of submitit's handler, which would
+   checkpoint in the middle of a step; the loops catch SIGTERM themselves, and the data
+   workers ignore both (:mod:`loco.stop`).
 2. Every rank finishes the current optimizer step; they agree to stop at the same step, the
-   trainer saves a checkpoint of that step and raises SystemExit.
+   trainer saves a checkpoint of that step and raises SystemExit (feature extraction stops
+   after its batch and caches nothing).
 3. Rank 0 hands over to submitit's handler, which calls :meth:`LocoJob.checkpoint` (a copy of
    the job that resumes with ``train.resume=auto``), requeues the job (``scontrol requeue``)
    and exits. The other ranks exit; the requeue ends the rest of the job.
 
-A stop by SIGTERM alone (``scancel``, or a preemption that Slurm requeues by itself) saves the
-same way and exits without requeueing; when Slurm restarts the job (``SLURM_RESTART_COUNT``),
-it resumes all the same. Eval and transfer jobs run ``loco.cli.main([...])``; on USR2 they
-are requeued with the same command line (submitit's default).
+A stop by SIGTERM alone (``scancel``, ``scontrol requeue``, or a preemption that Slurm
+requeues by itself) saves the same way and exits without requeueing; when Slurm restarts the
+job (``SLURM_RESTART_COUNT``), it resumes all the same. Eval and transfer jobs run
+``loco.cli.main([...])``. USR2 outside a stoppable loop (imports, model building, a probe on
+cached features) requeues at once: nothing of this run needs saving. A
+:class:`~loco.errors.LocoError` ends the job with one ``error: ...`` line in its log, as on
+the command line, which ``loco jobs`` shows.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ import logging
 import os
 import shlex
 import signal
+import sys
 import time
 from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from loco import stop
+from loco.errors import LocoError
 from loco.rundir import RunDir
 
 log = logging.getLogger("loco.launch")
@@ -49,6 +57,16 @@ INHERITED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 def restart_count() -> int:
     """How many times Slurm requeued this job (0 on its first run)."""
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def _drop_timeout_guess(record: logging.LogRecord) -> bool:
+    """submitit guesses "timed out" from the elapsed time alone ("Job has timed out. Ran 0
+    minutes" after a manual USR2 on a short job); _on_usr2 logs what is known instead."""
+    text = str(record.msg)
+    return not (
+        text.startswith(("Job has timed out", "Job has not timed out"))
+        or (text.startswith("Caught signal SIGUSR2"))
+    )
 
 
 class LocoJob(Checkpointable):
@@ -93,20 +111,36 @@ class LocoJob(Checkpointable):
             datefmt="%H:%M:%S",
             force=True,
         )
-        logging.getLogger("submitit").propagate = False  # it has its own handler
+        submitit_log = logging.getLogger("submitit")
+        submitit_log.propagate = False  # it has its own handler
+        submitit_log.addFilter(_drop_timeout_guess)
         log.info("%s | %r | restarts: %d | run dir %s", env, self, restart_count(), self.run_dir)
+        self._usr2 = False
+        previous = signal.signal(signal.SIGUSR2, self._on_usr2)
+        self._submitit_handler = previous
+        try:
+            return self._run()
+        except SystemExit as exc:
+            if exc.code in (130, 143):  # a loop stopped at a safe point (and saved)
+                self._after_stop(env, previous)
+            raise
+        except LocoError as exc:  # one line, as on the command line; `loco jobs` shows it
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+
+    def _run(self) -> int:
         if self.command == "pretrain":
-            return self._pretrain(env)
+            return self._pretrain()
         from loco.cli import main
 
-        status = main([self.command, *self.argv])
+        status = main([self.command, *self.argv])  # prints a LocoError as one line itself
         if status:
-            raise RuntimeError(
-                f"`loco {self.command}` exited with status {status}; see the log above"
-            )
+            raise SystemExit(status)
         return 0
 
-    def _pretrain(self, env: Any) -> int:
+    def _pretrain(self) -> int:
         from loco import train
         from loco.config import config_from_dict
 
@@ -116,22 +150,24 @@ class LocoJob(Checkpointable):
         if resuming and latest.is_file() and cfg.train.resume != "extend":
             cfg.train.resume = "auto"  # (extend: its first save may not have happened yet)
             log.info("requeued run: resuming from %s", latest)
-        self._usr2 = False
-        previous = signal.signal(signal.SIGUSR2, self._on_usr2)
-        try:
-            train.pretrain(cfg)
-            return 0
-        except SystemExit:
-            self._after_stop(env, previous)
-            raise
-        finally:
-            signal.signal(signal.SIGUSR2, previous)
+        train.pretrain(cfg)
+        return 0
 
     def _on_usr2(self, signum: int, frame: Any) -> None:
-        from loco import train
-
         self._usr2 = True
-        train.request_stop("SIGUSR2 (Slurm time limit or preemption)")
+        handler = getattr(self, "_submitit_handler", None)
+        if not stop.listening() and callable(handler):
+            # outside a stoppable loop (starting up, or a probe on cached features): nothing
+            # of this run to save; requeue now (a pretraining resumes from its checkpoint, an
+            # eval reuses its completed feature caches)
+            log.warning("SIGUSR2 (time limit near, preemption, or `scancel -s USR2`): requeueing")
+            handler(signum, frame)
+            return
+        log.warning(
+            "SIGUSR2 (time limit near, preemption, or `scancel -s USR2`): stopping at the end "
+            "of this step to save and requeue"
+        )
+        stop.request_stop("SIGUSR2")
 
     def _after_stop(self, env: Any, previous: Any) -> None:
         """The trainer stopped early and saved: requeue (rank 0, after USR2) or just exit."""
