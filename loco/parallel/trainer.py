@@ -38,12 +38,13 @@ from loco.distributed import any_rank, barrier, broadcast_parameters, init_distr
 from loco.errors import LocoError
 from loco.methods import Method, build_method
 from loco.models.backbone import build_backbone
-from loco.plans import parse_recompute_plan
 from loco.monitor import OnlineProbe
 from loco.optim import build_optimizer, build_scheduler, scaled_lr
 from loco.parallel.layout import StageLayout, check_modules, check_request, make_groups
 from loco.parallel.schedule import placement_report
 from loco.parallel.stage import StageEngine, owned_state_names
+from loco.plans import parse_recompute_plan
+from loco.stop import StopFlag, request_stop
 
 log = logging.getLogger("loco.parallel")
 
@@ -294,7 +295,7 @@ class StagePretrainer:
         t_last, n_last, last_saved = time.perf_counter(), self.step, self.step
         stopped: str | None = None
         self.method.train()
-        with single.StopFlag() as stop:
+        with StopFlag() as stop:
             for views, labels, _bad in self.batches():
                 views = [v.to(self.device, non_blocking=True) for v in views]
                 labels = labels.to(self.device, non_blocking=True)
@@ -302,7 +303,7 @@ class StagePretrainer:
                     self.engine.feed(views, labels)
                 self.step += 1
                 bar.update(1)
-                stopped = stop.requested or single._stop_request
+                stopped = stop.reason()
                 if any_rank(bool(stopped)):
                     stopped = stopped or "a signal on another rank"
                 end = self.step >= self.total_steps
@@ -332,7 +333,7 @@ class StagePretrainer:
                     last_saved = self.step
                 if stopped or end:
                     break
-            single.request_stop(None)
+            request_stop(None)
             if stopped and self.step < self.total_steps:
                 if last_saved != self.step:
                     self.save()
