@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import tiny_cfg
 
 from loco.cli import main
-from loco.config import load_config
+from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.rundir import RunDir
 from loco.runlock import RunLock
@@ -47,6 +48,8 @@ def test_submit_eval_of_a_step_checkpoint_logs_under_the_run(tmp_path, capsys):
     results both go to RUN (the job log used to land in RUN/checkpoints/slurm/)."""
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_00000040.pt"
+    step.parent.mkdir(parents=True)
+    torch.save({"config": Config().to_dict(), "step": 40}, step)  # submit reads its header
     argv = ["submit", "eval", "knn", "--checkpoint", str(step), "--profile", "local", "--dry-run"]
     assert main(argv) == 0
     text = capsys.readouterr().out

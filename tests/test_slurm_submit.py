@@ -179,6 +179,18 @@ def test_submit_options_anywhere_and_cpu_default_tasks(tmp_path, capsys):
     assert "max_steps: 5" in text
 
 
+def test_dry_run_stage_parallel_batch_is_per_replica(tmp_path, capsys):
+    """Under stage parallelism a batch passes through K stage processes of one replica: the
+    global batch is batch x replicas, not batch x processes."""
+    argv = ["submit", "pretrain", "--nodes", "2", "--gpus-per-node", "4", "--stage-parallel",
+            "4", "--dry-run", "optim.batch_size=64", f"train.output_dir={tmp_path / 'sp'}"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "task 5 (node 1, local 1) -> stage S2, replica 1" in text
+    assert "optim.batch_size 64 per replica -> global batch 128 (2 replicas x 4 stages)" in text
+    assert "global batch 512" not in text
+
+
 def fake_checkpoint(path: Path) -> Path:
     """A checkpoint whose header reads (a config, no weights): what the submit checks."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -708,7 +708,13 @@ def _processes(job: str, opts: SlurmOptions, config: dict[str, Any] | None) -> s
     ranks = opts.nodes * opts.tasks()
     batch = (config or {}).get("optim", {}).get("batch_size")
     text = f"tasks: {ranks} process(es) ({opts.nodes} node(s) x {opts.tasks()}), {gpus}"
-    if batch:
+    stages = int((config or {}).get("train", {}).get("stage_parallel") or 1)
+    if batch and stages > 1:  # a batch goes through the K stages of one replica
+        text += (
+            f"; optim.batch_size {batch} per replica -> global batch {batch * (ranks // stages)}"
+            f" ({ranks // stages} replicas x {stages} stages)"
+        )
+    elif batch:
         text += f"; optim.batch_size {batch} per process -> global batch {batch * ranks}"
     return text
 
