@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn as nn
@@ -106,6 +106,39 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # -- the run -----------------------------------------------------------------------------
+def load_method_state(method: nn.Module, path: Path, state: dict[str, Any]) -> None:
+    """A checkpoint's method weights (backbone + decoders), or one line saying why not."""
+    try:
+        method.load_state_dict(state["method"])
+    except (RuntimeError, KeyError) as exc:
+        raise LocoError(
+            f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def leave_stopped(trainer: Any, stopped: str, last_saved: int, bar: tqdm) -> NoReturn:
+    """After a stop request: save the current step unless it is saved, and exit with the
+    signal's status (143 for SIGTERM, else 130) so Slurm and shells see a stop, not success."""
+    if last_saved != trainer.step:
+        trainer.save()
+    bar.close()
+    log.warning("stopped by %s at step %d; resume with train.resume=auto", stopped, trainer.step)
+    trainer.metrics.close()
+    raise SystemExit(143 if stopped == "SIGTERM" else 130)
+
+
+def progress_bar(cfg: Config, total: int, initial: int, desc: str, is_main: bool) -> tqdm:
+    """The pretraining progress bar (rank 0 only, ``train.progress``), on stderr."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not (cfg.train.progress and is_main),
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
 class MetricsWriter:
     """JSONL metrics (always) and TensorBoard events (when tensorboard is installed)."""
 
@@ -302,12 +335,7 @@ class Pretrainer:
         log.info("new schedule from the weights of %s (its step %s)", path, state.get("step"))
 
     def load_method(self, path: Path, state: dict[str, Any]) -> None:
-        try:
-            self.method.load_state_dict(state["method"])
-        except (RuntimeError, KeyError) as exc:
-            raise LocoError(
-                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
-            ) from None
+        load_method_state(self.method, path, state)
 
     # -- loop -------------------------------------------------------------------------
     def batches(self):
@@ -389,13 +417,8 @@ class Pretrainer:
         if self.step >= self.total_steps:
             log.info("already finished (%d steps)", self.step)
             return self.run_dir
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=f"pretrain {cfg.method.name}",
-            disable=not (cfg.train.progress and self.info.is_main),
-            dynamic_ncols=True,
-            file=sys.stderr,
+        bar = progress_bar(
+            cfg, self.total_steps, self.step, f"pretrain {cfg.method.name}", self.info.is_main
         )
         images = cfg.optim.batch_size * self.info.world_size
         t_last, n_last = time.perf_counter(), self.step
@@ -448,14 +471,7 @@ class Pretrainer:
                     break
             request_stop(None)  # consumed (or moot: the run is complete)
             if stopped and self.step < self.total_steps:
-                if last_saved != self.step:
-                    self.save()
-                bar.close()
-                log.warning(
-                    "stopped by %s at step %d; resume with train.resume=auto", stopped, self.step
-                )
-                self.metrics.close()
-                raise SystemExit(143 if stopped == "SIGTERM" else 130)
+                leave_stopped(self, stopped, last_saved, bar)
         bar.close()
         if self.skipped_count:
             log.warning(

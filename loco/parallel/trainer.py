@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from loco import checkpoint as ckpt
 from loco import resume
@@ -208,12 +206,7 @@ class StagePretrainer:
         if weights is None:
             mode = "extend" if extend else "exact"
             resume.check(path, state, self.cfg, self.layout.replicas, mode)
-        try:
-            self.method.load_state_dict(state["method"])
-        except (RuntimeError, KeyError) as exc:
-            raise LocoError(
-                f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}"
-            ) from None
+        single.load_method_state(self.method, path, state)
         if weights is not None:
             log.info("new schedule from the weights of %s (its step %s)", path, state.get("step"))
             return
@@ -284,14 +277,8 @@ class StagePretrainer:
         if self.step >= self.total_steps:
             log.info("already finished (%d steps)", self.step)
             return self.run_dir
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=f"pretrain {cfg.method.name} x{self.layout.stages} stages",
-            disable=not (cfg.train.progress and self.info.is_main),
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+        desc = f"pretrain {cfg.method.name} x{self.layout.stages} stages"
+        bar = single.progress_bar(cfg, self.total_steps, self.step, desc, self.info.is_main)
         t_last, n_last, last_saved = time.perf_counter(), self.step, self.step
         stopped: str | None = None
         self.method.train()
@@ -335,14 +322,7 @@ class StagePretrainer:
                     break
             request_stop(None)
             if stopped and self.step < self.total_steps:
-                if last_saved != self.step:
-                    self.save()
-                bar.close()
-                log.warning(
-                    "stopped by %s at step %d; resume with train.resume=auto", stopped, self.step
-                )
-                self.metrics.close()
-                raise SystemExit(143 if stopped == "SIGTERM" else 130)
+                single.leave_stopped(self, stopped, last_saved, bar)
         self.engine.drain()
         bar.close()
         self.metrics.close()
