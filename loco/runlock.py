@@ -192,6 +192,8 @@ class RunLock:
         if self.holder is None:
             return
         current = _read(self.path)
+        if current is not None and not current.token:
+            return  # caught mid-write (unreadable): look again at the next beat
         if current is None or current.token != self.holder.token:
             self.lost = (
                 f"the run lock {self.path} was taken over by "

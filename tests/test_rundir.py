@@ -150,6 +150,22 @@ def test_heartbeat_timeout_and_refresh(tmp_path):
     assert json.loads(lock.read_text())["token"] == "other"  # not ours: left in place
 
 
+def test_a_lock_caught_mid_write_is_not_a_takeover(tmp_path):
+    """A heartbeat that reads the file while another writer has truncated it must look again
+    at the next beat, not declare the lock lost (CI saw this race once)."""
+    lock = RunDir(tmp_path).lock
+    held = RunLock(lock, heartbeat_s=3600).acquire()
+    try:
+        lock.write_text("")  # truncated by a writer that has not written yet
+        held.refresh()
+        assert held.lost is None
+        _write_lock(lock, host="node9", pid=9, job_id="99")
+        held.refresh()
+        assert held.lost is not None and "node9" in held.lost
+    finally:
+        held.release()
+
+
 def test_preflight_refuses_a_locked_or_incompatible_run_dir(tmp_path):
     from loco import checkpoint as ckpt
     from loco.rundir import preflight
