@@ -148,8 +148,16 @@ class MethodConfig:
     other method."""
 
     name: str = opt("loco", help="a registered method: `loco pretrain --help` lists them")
-    temperature: float = opt(0.2, help="NT-Xent temperature")
-    gather_negatives: bool = opt(True, help="negatives from all ranks")
+    objective: str = opt(
+        "simclr",
+        help="the self-supervised loss every local loss optimises: simclr | mocov3 | byol | "
+        "barlow | vicreg (loco.objectives; options in the objective.<name> section)",
+    )
+    temperature: float = opt(0.2, help="simclr: NT-Xent temperature")
+    gather_negatives: bool = opt(
+        True,
+        help="negatives (mocov3 keys, barlow/vicreg batch statistics) from all ranks",
+    )
     # -- loco (and loco_naive) only
     first_stage_loss: bool = opt(
         True,
@@ -168,7 +176,71 @@ class MethodConfig:
     lambda1_last: float = opt(0.0, help="infopro: reconstruction weight at the last module")
     lambda2_first: float = opt(1.0, help="infopro: contrastive weight at the first module")
     lambda2_last: float = opt(1.0, help="infopro: contrastive weight at the last module")
-    supervised: bool = opt(False, help="infopro: SupCon with labels instead of NT-Xent")
+    supervised: bool = opt(
+        False, help="infopro with objective simclr: SupCon with labels instead of NT-Xent"
+    )
+
+
+# -- objectives (loco.objectives): one section per objective, read only by that objective.
+# Defaults are each paper's recommended values (docs/methods.md, "Objectives").
+@dataclass
+class ByolConfig:
+    """BYOL (Grill et al. 2020)."""
+
+    base_momentum: float = opt(
+        0.996,
+        help="byol: target momentum at step 0, raised to 1 on a cosine over the run (paper: 0.996)",
+    )
+
+
+@dataclass
+class MocoV3Config:
+    """MoCo v3 (Chen, Xie, He 2021)."""
+
+    temperature: float = opt(
+        1.0, help="mocov3: InfoNCE temperature (paper's code: 1.0 for ResNets, 0.2 for ViTs)"
+    )
+    base_momentum: float = opt(
+        0.99,
+        help="mocov3: key encoder momentum at step 0, raised to 1 on a cosine (paper: 0.99)",
+    )
+
+
+@dataclass
+class BarlowConfig:
+    """Barlow Twins (Zbontar et al. 2021)."""
+
+    lambd: float = opt(
+        5e-3,
+        help="barlow: weight of the off-diagonal (redundancy) term (paper: 5e-3 for an "
+        "8192-d projector)",
+    )
+    scale_loss: float = opt(
+        1.0,
+        help="barlow: factor on the whole loss (the paper's code: 1/32 with LARS; loco's "
+        "small configs keep 1)",
+    )
+
+
+@dataclass
+class VicRegConfig:
+    """VICReg (Bardes, Ponce, LeCun 2022)."""
+
+    sim_coeff: float = opt(25.0, help="vicreg: invariance (MSE) weight lambda (paper: 25)")
+    std_coeff: float = opt(25.0, help="vicreg: variance (hinge on the std) weight mu (paper: 25)")
+    cov_coeff: float = opt(1.0, help="vicreg: covariance weight nu (paper: 1)")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Options of each objective (``method.objective``); a key changed from its default
+    for another objective is rejected. simclr reads method.temperature (and
+    method.supervised under infopro)."""
+
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    mocov3: MocoV3Config = field(default_factory=MocoV3Config)
+    barlow: BarlowConfig = field(default_factory=BarlowConfig)
+    vicreg: VicRegConfig = field(default_factory=VicRegConfig)
 
 
 @dataclass
@@ -267,6 +339,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -480,6 +553,9 @@ def validate(cfg: Config) -> None:
     from loco.methods import check_method_config  # lazy: the registry imports torch
 
     check_method_config(cfg.method)
+    from loco.objectives import check_objective_config
+
+    check_objective_config(cfg)
     parse_split(cfg.model.split)  # syntax only: the block count is the backbone's
     try:  # the module count is the backbone's: build time checks the range
         parse_recompute_plan(cfg.train.recompute, None)

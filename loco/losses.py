@@ -72,12 +72,12 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _GatherWithGrad.apply(x, counts, start, group), start
 
 
-def _upcast(z: torch.Tensor) -> torch.Tensor:
+def upcast(z: torch.Tensor) -> torch.Tensor:
     """Similarities in at least fp32 (bf16 logits / temperature lose the ranking)."""
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
 
 
-def _full_precision(loss: Callable[P, torch.Tensor]) -> Callable[P, torch.Tensor]:
+def full_precision(loss: Callable[P, torch.Tensor]) -> Callable[P, torch.Tensor]:
     """Run ``loss`` with autocast off: upcasting ``z`` alone is not enough, because inside
     ``torch.autocast`` the matmul (and normalisation) would run in bf16 again, rounding
     logits up to 1/T in steps of 0.03-0.06. The decoders before it stay in autocast."""
@@ -93,14 +93,14 @@ def _full_precision(loss: Callable[P, torch.Tensor]) -> Callable[P, torch.Tensor
     return wrapped
 
 
-@_full_precision
+@full_precision
 def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.Tensor:
     """SimCLR's NT-Xent loss for ``z = [z1; z2]`` (shape [2B, D]).
 
     Each of the 2B local embeddings is a query; its positive is the other view of the
     same image, its negatives the other 2(B*W)-2 embeddings of all W ranks.
     """
-    z = F.normalize(_upcast(z), dim=1)
+    z = F.normalize(upcast(z), dim=1)
     n = z.shape[0]
     if n % 2:
         raise ValueError("nt_xent expects two views stacked along the batch dimension")
@@ -113,7 +113,7 @@ def nt_xent(z: torch.Tensor, temperature: float, gather: bool = True) -> torch.T
     return F.cross_entropy(logits, positives)
 
 
-@_full_precision
+@full_precision
 def supcon(
     z: torch.Tensor, labels: torch.Tensor, temperature: float, gather: bool = True
 ) -> torch.Tensor:
@@ -122,7 +122,7 @@ def supcon(
     ``labels`` has one entry per image (length B); every embedding with the same label is a
     positive.
     """
-    z = F.normalize(_upcast(z), dim=1)
+    z = F.normalize(upcast(z), dim=1)
     n = z.shape[0]
     labels = labels.repeat(2)
     keys, offset = gather_with_grad(z) if gather else (z, 0)
@@ -138,7 +138,7 @@ def supcon(
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)).mean()
 
 
-@_full_precision
+@full_precision
 def reconstruction_bce(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """InfoPro's reconstruction loss: BCE between sigmoid(logits) and the image in [0, 1]."""
-    return F.binary_cross_entropy_with_logits(_upcast(logits), images.to(_upcast(logits).dtype))
+    return F.binary_cross_entropy_with_logits(upcast(logits), images.to(upcast(logits).dtype))

@@ -1,4 +1,5 @@
-"""SimCLR (Chen et al. 2020): one NT-Xent loss on the last module, ordinary backprop."""
+"""End-to-end (SimCLR, Chen et al. 2020, with objective simclr): one loss on the last
+module, ordinary backprop. A momentum target is one EMA copy of the whole network."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ class EndToEnd(Method):
         self.top = backbone.num_modules - 1
         self.heads = self.projection_heads([self.top])
 
+    def target_modules(self, k: int) -> range:
+        return range(0, k + 1)  # the whole network's copy, from the images
+
     def training_step(
         self, views: list[torch.Tensor], labels: torch.Tensor | None = None
     ) -> StepOutput:
-        h = self.backbone(torch.cat(views))[-1]
-        loss = self.head_loss(self.top, h)
+        x = torch.cat(views)
+        h = self.backbone(x)[-1]
+        loss = self.head_loss(self.top, h, x)
         self.backward_loss(loss)
         return StepOutput({f"loss/s{self.top + 1}": loss.detach()}, self.readout(h))

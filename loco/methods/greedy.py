@@ -25,8 +25,9 @@ class Greedy(Method):
     ) -> StepOutput:
         x, losses = torch.cat(views), {}
         for k in range(self.backbone.num_modules):
-            h = self.backbone.forward_module(k, x.detach())  # stop-gradient at the boundary
-            losses[f"loss/s{k + 1}"], grad_h = self.local_loss(k, h)
+            x_in = x.detach()  # stop-gradient at the boundary
+            h = self.backbone.forward_module(k, x_in)  # stop-gradient at the boundary
+            losses[f"loss/s{k + 1}"], grad_h = self.local_loss(k, h, x_in)
             torch.autograd.backward(h, grad_h, inputs=self.module_params(k))
             x = h
         return StepOutput(losses, self.readout(x))

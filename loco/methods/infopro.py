@@ -1,5 +1,6 @@
 """InfoPro (Wang et al., ICLR 2021): gradient-isolated local modules, each trained by
-lambda1_k * reconstruction + lambda2_k * contrastive loss.
+lambda1_k * reconstruction + lambda2_k * contrastive loss (the objective's loss:
+``method.objective``; NT-Xent with simclr, as in the paper).
 
 The reconstruction term keeps early modules from discarding information about the input
 that later modules need; its weight fades linearly from the first to the last module
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from loco.losses import nt_xent, reconstruction_bce, supcon
+from loco.losses import reconstruction_bce
 from loco.methods.base import Method, StepOutput, register
 from loco.models.heads import InfoProContrastiveHead, ReconstructionDecoder
 
@@ -47,8 +48,11 @@ class InfoPro(Method):
             from loco.errors import LocoError
 
             raise LocoError("method.name=infopro needs a convolutional backbone (feature maps)")
-        self.heads = nn.ModuleDict(
-            {str(k): InfoProContrastiveHead(backbone.channels[k], cfg.decoder) for k in range(n)}
+        # the paper's 2-layer MLP under simclr; other objectives get their projector depth
+        layers = 2 if self.objective.name == "simclr" else self.decoder_cfg.mlp_layers
+        self.heads = self.projection_heads(
+            list(range(n)),
+            lambda k: InfoProContrastiveHead(backbone.channels[k], self.decoder_cfg, layers),
         )
         self.decoders = nn.ModuleDict(
             {
@@ -65,13 +69,10 @@ class InfoPro(Method):
         self._images: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
 
-    def head_loss(self, k: int, h: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, k: int, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         lam_rec, lam_con = self.lambdas[k]
-        z = self.heads[str(k)](h)
-        if self.supervised:
-            con = supcon(z, self._labels, self.temperature, gather=self.gather)
-        else:
-            con = nt_xent(z, self.temperature, gather=self.gather)
+        labels = self._labels if self.supervised else None  # SupCon (objective simclr)
+        con = self.objective.loss(self.embed(k, h), self.target(k, x), labels)
         loss = lam_con * con
         if lam_rec > 0:
             target = (self._images * self.std + self.mean).clamp(0, 1)
@@ -86,8 +87,9 @@ class InfoPro(Method):
         x, losses = torch.cat(views), {}
         self._images, self._labels = x, labels
         for k in range(self.backbone.num_modules):
-            h = self.backbone.forward_module(k, x.detach())
-            losses[f"loss/s{k + 1}"], grad_h = self.local_loss(k, h)
+            x_in = x.detach()
+            h = self.backbone.forward_module(k, x_in)
+            losses[f"loss/s{k + 1}"], grad_h = self.local_loss(k, h, x_in)
             torch.autograd.backward(h, grad_h, inputs=self.module_params(k))
             x = h
         self._images = self._labels = None

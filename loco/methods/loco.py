@@ -62,7 +62,7 @@ class LoCo(Method):
             graph = self.backbone.forward_graph(k, x_in, passes=1 if k in (0, top) else 2)
             h = graph.output
             if k in self.loss_modules:
-                losses[f"loss/s{k + 1}"], own = self.local_loss(k, h)
+                losses[f"loss/s{k + 1}"], own = self.local_loss(k, h, x_in.detach())
             else:
                 own = torch.zeros_like(h)
             if below is not None:

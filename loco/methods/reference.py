@@ -15,6 +15,10 @@ it updates some of the modules in that window:
 the detached input and calls one full ``backward``. Nothing is shared between losses, so
 the code is the definition; it costs more FLOPs (LoCo recomputes every lower stage), and
 keeps the same two modules' activations alive as the optimised step.
+
+Every objective (:mod:`loco.objectives`) goes through ``method.head_loss``; a momentum
+target of loss L_k runs from the detached input of the modules the method names for it
+(module k for a local routing, the whole network for e2e) and is a constant for the loss.
 """
 
 from __future__ import annotations
@@ -90,7 +94,9 @@ class Reference(Method):
             for k in w.window:
                 h = bb.forward_module(k, h)
                 outputs[k] = h.detach()
-            loss = method.head_loss(w.loss, h)
+            # a momentum target (BYOL, MoCo v3) runs from the detached input of its modules
+            target_input = self._input_of(method.target_modules(w.loss)[0], outputs)
+            loss = method.head_loss(w.loss, h, target_input)
             updated = [p for k in w.updates for p in self.module_params(k)]
             torch.autograd.backward(loss, inputs=updated + self.head_parameters())
             losses[f"loss/s{w.loss + 1}"] = loss.detach()

@@ -198,16 +198,16 @@ class ProjectionDecoder(nn.Module):
 
 
 class InfoProContrastiveHead(nn.Module):
-    """InfoPro's projection: conv3x3 stride 2 + BN + ReLU, pool, 2-layer MLP."""
+    """InfoPro's projection: conv3x3 stride 2 + BN + ReLU, pool, MLP (the paper: 2 layers)."""
 
-    def __init__(self, in_channels: int, cfg: DecoderConfig) -> None:
+    def __init__(self, in_channels: int, cfg: DecoderConfig, layers: int = 2) -> None:
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, 3, 2, 1, bias=False),
             nn.BatchNorm2d(in_channels),
             nn.ReLU(inplace=True),
         )
-        self.mlp = mlp(in_channels, cfg.hidden_dim, cfg.out_dim, 2)
+        self.mlp = mlp(in_channels, cfg.hidden_dim, cfg.out_dim, layers)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.mlp(pool(self.conv(h)))
