@@ -134,26 +134,17 @@ def export(
     source: str | Path, to: str = "timm", out: str | Path | None = None, ema: bool = False
 ) -> Exported:
     """Write the backbone of ``source`` (a run dir or loco checkpoint) in format ``to``."""
-    from loco import checkpoint as ckpt
 
     if to not in FORMATS:
         raise LocoError(f"--to {to!r} unknown; use one of {', '.join(FORMATS)}")
     path = _checkpoint_path(source)
-    weights = read_weights(path)
+    weights = read_weights(path, ema=ema)  # ema: the momentum backbone (BYOL, MoCo v3)
     if weights.config is None or weights.state is None:
         raise LocoError(
             f"'{path}' is not a loco checkpoint (no config/backbone entries); export takes "
             "loco runs (other toolkits' weights: `loco eval --checkpoint` reads them directly)"
         )
     state = weights.state
-    if ema:  # EMA weights are kept only by objectives with a momentum network
-        raw = ckpt.load(path)
-        if not isinstance(raw.get("backbone_ema"), dict):
-            raise LocoError(
-                f"'{path}' holds no momentum (EMA) weights: its objective keeps none; "
-                "export the online weights (drop --ema)"
-            )
-        state = raw["backbone_ema"]
     meta = export_metadata(weights, weights.config.to_dict())
     meta["weights"] = "ema" if ema else "online"
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}

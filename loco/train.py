@@ -1,6 +1,7 @@
 """``loco pretrain``: the training loop.
 
-config -> data -> staged backbone -> method.training_step -> optimizer -> checkpoint.
+config -> data -> staged backbone -> method.training_step -> optimizer -> momentum
+(EMA) update, for objectives with a momentum target -> checkpoint.
 The method leaves gradients in ``.grad`` (local methods call autograd per module); the
 loop averages them over ranks, steps the optimizer and the per-iteration schedule, logs
 JSONL metrics, and writes atomic checkpoints from which a run resumes exactly.
@@ -268,9 +269,17 @@ class Pretrainer:
     def state_dict(self, rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The checkpoint; ``rngs``: every rank's generator states, rank 0 first."""
         rngs = rngs or [ckpt.rng_state()]
+        # the momentum backbone (BYOL, MoCo v3) for `loco eval/export --ema`; the method
+        # state holds it too, with the decoders' momentum copies
+        ema = (
+            {"backbone_ema": self.method.momentum.backbone.body.state_dict()}
+            if self.method.momentum
+            else {}
+        )
         return {
             "method": self.method.state_dict(),
             "backbone": self.method.backbone.body.state_dict(),
+            **ema,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -373,6 +382,9 @@ class Pretrainer:
             values["loss_scale"] = float(self.scaler.get_scale())
         else:
             self.optimizer.step()
+        momentum = self.method.update_momentum(self.step, self.total_steps)  # BYOL, MoCo v3
+        if momentum is not None:
+            values["momentum"] = momentum
         if self.probe is not None:
             values.update(self.probe.step(out.features, labels.repeat(len(views))))
         values["lr"] = self.optimizer.param_groups[0]["lr"]

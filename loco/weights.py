@@ -3,7 +3,8 @@
 A source is one of
 
 * a **loco checkpoint** of any method (its ``backbone`` entry, its saved ``config`` and
-  ``meta``: architecture, method, step);
+  ``meta``: architecture, method, step), or with ``ema`` its momentum backbone
+  (``backbone_ema``, kept by objectives with a momentum target: BYOL, MoCo v3);
 * a **foreign checkpoint**: a plain timm / torchvision state dict, or another toolkit's
   checkpoint (MoCo v2/v3, DINO, solo-learn, lightly), as ``.pth``/``.pt`` or
   ``.safetensors``; the architecture comes from the caller (``--backbone NAME``);
@@ -98,12 +99,15 @@ def read_weights(
     seed: int = 0,
     method: str | None = None,
     prefix: str | None = None,
+    ema: bool = False,
 ) -> WeightsSource:
     """The weights of ``path`` (see the module docstring), or a random initialisation.
 
     With ``random_init`` the file (if any) only supplies the architecture. ``method``
     labels the weights in results (default: the checkpoint's method, or the file's stem).
     ``prefix`` chooses the backbone's root in a foreign checkpoint, e.g. ``student.``.
+    ``ema``: a loco checkpoint's momentum (EMA) backbone instead of the online one; its
+    results and feature caches are named apart (``<method>-ema``, ``<hash>-ema``).
     """
     if path is None:
         if not random_init:
@@ -120,9 +124,20 @@ def read_weights(
                 f"checkpoint '{path}' holds a config this loco cannot read: {exc}"
             ) from None
         meta = obj.get("meta") or {}
-        method = method or str(meta.get("method") or config.method.name)
+        label = str(meta.get("method") or config.method.name)
+        if config.method.objective != "simclr":  # routing+objective, e.g. loco+byol
+            label = f"{label}+{config.method.objective}"
+        method = method or (f"{label}-ema" if ema else label)
         step = int(obj["step"]) if isinstance(obj.get("step"), int) else None
-        state = {k: v for k, v in obj["backbone"].items() if isinstance(v, torch.Tensor)}
+        key = "backbone_ema" if ema else "backbone"
+        if not isinstance(obj.get(key), dict):
+            raise LocoError(
+                f"'{path}' holds no momentum (EMA) weights: its objective "
+                f"({config.method.objective}) keeps none; use the online weights (drop --ema)"
+            )
+        state = {k: v for k, v in obj[key].items() if isinstance(v, torch.Tensor)}
+    elif ema:
+        raise LocoError(f"--ema needs a loco checkpoint; '{path}' is not one")
     else:
         method = method or Path(path).stem
         state = backbone_state(obj, prefix, str(path))
@@ -130,7 +145,8 @@ def read_weights(
         return WeightsSource(
             None, config, RANDOM_INIT, f"random-init-seed{seed}", str(path), seed=seed
         )
-    return WeightsSource(state, config, method, ckpt.file_hash(path), str(path), step, seed)
+    weights_id = ckpt.file_hash(path) + ("-ema" if ema else "")
+    return WeightsSource(state, config, method, weights_id, str(path), step, seed)
 
 
 def _load_file(path: Path) -> dict[str, Any]:

@@ -67,17 +67,21 @@ def expected_grads(ref, terms: list[tuple[torch.Tensor, list[torch.nn.Parameter]
 
 
 def head_params(ref, k: int) -> list[torch.nn.Parameter]:
-    """The decoders of loss L_k (InfoPro: contrastive head and reconstruction decoder)."""
+    """The decoders of loss L_k (InfoPro: contrastive head and reconstruction decoder; the
+    objective's predictor where it has one)."""
     decoders = [ref.heads[str(k)]]
     if str(k) in getattr(ref, "decoders", {}):
         decoders.append(ref.decoders[str(k)])
+    if ref.predictors is not None:
+        decoders.append(ref.predictors[str(k)])
     return [p for d in decoders for p in d.parameters()]
 
 
 def head_terms(ref, ins: list[torch.Tensor], losses: list[int]) -> list:
-    """L_k's gradient into its own decoders (L_k computed on module k's plain forward)."""
+    """L_k's gradient into its own decoders (L_k computed on module k's plain forward; a
+    momentum target from module k's input)."""
     return [
-        (ref.head_loss(k, ref.backbone.forward_module(k, ins[k])), head_params(ref, k))
+        (ref.head_loss(k, ref.backbone.forward_module(k, ins[k]), ins[k]), head_params(ref, k))
         for k in losses
     ]
 
@@ -143,10 +147,11 @@ def loco_terms(ref, ins: list[torch.Tensor], first_stage_loss: bool, upper: bool
     terms = []
     for k in range(n):
         h = ref.backbone.forward_module(k, ins[k])  # input detached: nothing reaches k-1 from here
-        own = ref.head_loss(k, h) if (k > 0 or first_stage_loss) else h.sum() * 0
+        own = ref.head_loss(k, h, ins[k]) if (k > 0 or first_stage_loss) else h.sum() * 0
         loss = own * 0 if (upper and k + 1 < n) else own
-        if k + 1 < n:
-            loss = loss + ref.head_loss(k + 1, ref.backbone.forward_module(k + 1, h))
+        if k + 1 < n:  # L_{k+1}'s momentum target (if any) sees module k+1's detached input
+            upper_h = ref.backbone.forward_module(k + 1, h)
+            loss = loss + ref.head_loss(k + 1, upper_h, ins[k + 1])
         terms.append((loss, ref.module_params(k)))
     losses = [k for k in range(n) if k > 0 or first_stage_loss]
     return terms + head_terms(ref, ins, losses)
@@ -169,6 +174,70 @@ def test_loco_module_gets_own_loss_plus_the_one_above(first_stage_loss, conv_blo
     h2 = ref.backbone.forward_module(2, ref.backbone.forward_module(1, h0))
     two_up = torch.autograd.grad(ref.head_loss(2, h2), ref.module_params(0))
     assert any(g.abs().sum() > 0 for g in two_up), "test is vacuous: L_3 would reach S1"
+
+
+ROUTED_OBJECTIVES = [
+    (name, objective)
+    for name in ("e2e", "greedy", "infopro", "loco")
+    for objective in ("mocov3", "byol", "barlow", "vicreg")
+]
+
+
+def definition_terms(ref, name: str, views: list[torch.Tensor]) -> list:
+    """The (loss, parameters it updates) terms of routing ``name`` from its definition."""
+    n = ref.backbone.num_modules
+    if name == "e2e":  # one loss on the top, through everything; target: the whole copy
+        x = torch.cat(views)
+        h = x
+        for k in range(n):
+            h = ref.backbone.forward_module(k, h)
+        params = [p for p in ref.parameters() if p.requires_grad]
+        return [(ref.head_loss(n - 1, h, x), params)]
+    ins = inputs_per_module(ref, views)
+    if name == "loco":
+        return loco_terms(ref, ins, first_stage_loss=True)
+    ref._images = torch.cat(views)  # InfoPro's reconstruction target
+    return [
+        (
+            ref.head_loss(k, ref.backbone.forward_module(k, x), x),
+            ref.module_params(k) + head_params(ref, k),
+        )
+        for k, x in enumerate(ins)
+    ]
+
+
+def defined_target(ref, name: str, k: int, x: torch.Tensor) -> torch.Tensor:
+    """Loss k's momentum target by definition: the EMA copies of module k (of the whole
+    network for e2e, from the images) and of decoder k, on the detached input, no graph."""
+    copies = ref.momentum
+    with torch.no_grad():
+        h = x.detach()
+        for j in range(k + 1) if name == "e2e" else [k]:
+            h = copies.backbone.forward_module(j, h)
+        return copies.heads[str(k)](h)
+
+
+@pytest.mark.parametrize(
+    "name,objective", ROUTED_OBJECTIVES, ids=[f"{n}-{o}" for n, o in ROUTED_OBJECTIVES]
+)
+def test_every_objective_keeps_the_routing(name, objective):
+    """Each objective's loss L_k reaches exactly the modules the routing allows (and its
+    decoder and predictor); a momentum target (moved away from the online weights) is a
+    constant: its copies get no gradient."""
+    model, views, labels = make(name, method__objective=objective)
+    if model.momentum is not None:
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in model.momentum.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    ref = copy.deepcopy(model)
+    if ref.momentum is not None:  # the target from its definition, not from method.target
+        ref.target = lambda k, x: defined_target(ref, name, k, x)
+    got = step_grads(model, views, labels)
+    want = expected_grads(ref, definition_terms(ref, name, views))
+    assert_grads_equal(got, want, f"{name}+{objective}")
+    momentum = [n for n in got if n.startswith("momentum.")]
+    assert bool(momentum) == (objective in ("byol", "mocov3"))
 
 
 def test_loco_first_stage_switch_changes_only_s1():

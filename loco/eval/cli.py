@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         random_init=args.random_init,
         method_name=args.name,
         prefix=args.prefix,
+        ema=args.ema,
     )
     print(format_table(rows))
     print(f"\nresults: {RunDir(out_dir).results}")

@@ -208,6 +208,7 @@ def evaluate_run(
     random_init: bool | None = None,
     method_name: str | None = None,
     prefix: str | None = None,
+    ema: bool = False,
     **fields: Any,
 ) -> list[dict[str, Any]]:
     """Evaluate one network per stage; merge the rows into ``out_dir/results.json``; return them.
@@ -217,7 +218,8 @@ def evaluate_run(
     ``model`` section; ``cfg`` then supplies the data settings, ``overrides`` change
     either). ``checkpoint_path=None`` or ``random_init=True`` evaluates the seeded random
     initialisation of the architecture: the floor. Other toolkits' checkpoints are read by
-    :func:`loco.weights.read_weights` (``prefix`` picks the backbone). ``out_dir`` defaults to the
+    :func:`loco.weights.read_weights` (``prefix`` picks the backbone; ``ema`` the momentum
+    backbone of a loco checkpoint). ``out_dir`` defaults to the
     checkpoint's run directory; features are cached in ``options.cache_dir`` (default
     ``out_dir/features``).
     """
@@ -235,6 +237,7 @@ def evaluate_run(
         seed=seed,
         method_name=method_name,
         prefix=prefix,
+        ema=ema,
     )
     out = default_out_dir(source.path, out_dir)
     cache = Path(opts.cache_dir) if opts.cache_dir else out / "features"

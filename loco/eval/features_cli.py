@@ -43,6 +43,12 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
         help="key prefix of the backbone in another toolkit's checkpoint, when several "
         "match (e.g. student. for DINO's student); see loco/weights.py",
     )
+    g.add_argument(
+        "--ema",
+        action="store_true",
+        help="the momentum (EMA) backbone of a loco checkpoint whose objective keeps one "
+        "(byol, mocov3) instead of the online backbone; results are labelled <method>-ema",
+    )
     d = parser.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -93,6 +99,7 @@ def source_from_args(args: argparse.Namespace) -> tuple[Config, StagedBackbone, 
         seed=args.seed,
         method_name=args.name,
         prefix=args.prefix,
+        ema=args.ema,
     )
 
 

@@ -39,6 +39,7 @@ def load_backbone(
     seed: int = 0,
     method_name: str | None = None,
     prefix: str | None = None,
+    ema: bool = False,
 ) -> tuple[Config, StagedBackbone, WeightsSource]:
     """Build the staged backbone to evaluate and the config it was made with.
 
@@ -46,9 +47,15 @@ def load_backbone(
     config gives the ``model`` section always (and the rest unless ``cfg`` is given); a
     plain state dict takes the architecture from ``backbone_name`` (or ``cfg.model``);
     ``overrides`` apply last. ``random_init``: the same architecture, seeded by ``seed``.
+    ``ema``: the checkpoint's momentum (EMA) backbone (BYOL, MoCo v3) instead of the online one.
     """
     source = read_weights(
-        checkpoint, random_init=random_init, seed=seed, method=method_name, prefix=prefix
+        checkpoint,
+        random_init=random_init,
+        seed=seed,
+        method=method_name,
+        prefix=prefix,
+        ema=ema,
     )
     if source.config is None:
         base = cfg

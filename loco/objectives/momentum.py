@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from loco.models.backbone import StagedBackbone
+if TYPE_CHECKING:  # keeps `import loco.objectives` free of timm (spawned test workers)
+    from loco.models.backbone import StagedBackbone
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
