@@ -88,3 +88,69 @@ def test_weights_start_a_new_schedule_in_a_new_run(cifar_val_root, done, tmp_pat
     into_old = tiny_cfg(cifar_val_root, done, f"train.resume=weights:{src}")
     with pytest.raises(LocoError, match="starts a new run, but .* already holds one"):
         Pretrainer(into_old).fit()
+
+
+# -- momentum (EMA) objectives ---------------------------------------------------------------
+EMA = ("method.name=loco", "method.objective=byol", "optim.max_steps=4")
+
+
+@pytest.fixture(scope="module")
+def ema_run(cifar_val_root, tmp_path_factory):
+    """BYOL under loco (a momentum copy of every module and decoder), 4 steps."""
+    out = tmp_path_factory.mktemp("ema") / "run"
+    Pretrainer(tiny_cfg(cifar_val_root, out, *EMA)).fit()
+    return out
+
+
+def test_momentum_objective_resumes_exactly(cifar_val_root, ema_run, tmp_path):
+    """Stopped after step 2 and resumed, BYOL leaves the online weights, every momentum copy
+    (method state) and the momentum backbone (``backbone_ema``) of the uninterrupted run."""
+    from loco.stop import request_stop
+
+    part = Pretrainer(tiny_cfg(cifar_val_root, tmp_path / "part", *EMA))
+    original = part.train_step
+
+    def step_then_stop(batch):
+        values = original(batch)
+        if part.step == 1:  # step 2 is running
+            request_stop("test")
+        return values
+
+    part.train_step = step_then_stop
+    with pytest.raises(SystemExit):
+        part.fit()
+    assert ckpt.load(RunDir(tmp_path / "part").checkpoint)["step"] == 2
+    Pretrainer(tiny_cfg(cifar_val_root, tmp_path / "part", *EMA)).fit()
+    a, b = ckpt.load(RunDir(ema_run).checkpoint), ckpt.load(RunDir(tmp_path / "part").checkpoint)
+    assert b["step"] == 4
+    assert any(k.startswith("momentum.") for k in a["method"])
+    for key in ("method", "backbone", "backbone_ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
+    # the momentum backbone is its own network, not the online one
+    assert any(not torch.equal(a["backbone"][k], v) for k, v in a["backbone_ema"].items())
+
+
+def test_eval_and_export_read_the_momentum_backbone(ema_run, done, tmp_path):
+    from loco.eval.evaluate import evaluate_run
+    from loco.eval.network import load_backbone
+    from loco.export import export
+
+    state = ckpt.load(RunDir(ema_run).checkpoint)
+    _, backbone, source = load_backbone(RunDir(ema_run).checkpoint, ema=True)
+    assert source.method == "loco+byol-ema" and source.weights_id.endswith("-ema")
+    for k, v in backbone.body.state_dict().items():
+        assert torch.equal(v, state["backbone_ema"][k]), k
+    rows = evaluate_run(
+        None, RunDir(ema_run).checkpoint, tmp_path, ema=True, linear=False, stages="last",
+        ks=[5], train_per_class=4, val_per_class=2, progress=False,
+    )  # fmt: skip
+    assert {r["method"] for r in rows} == {"loco+byol-ema"}
+    out = export(ema_run, "timm", tmp_path / "ema.pth", ema=True)
+    exported = torch.load(out.path)
+    assert out.metadata["weights"] == "ema"
+    assert exported.keys() <= state["backbone_ema"].keys()
+    assert all(torch.equal(v, state["backbone_ema"][k]) for k, v in exported.items())
+    with pytest.raises(LocoError, match=r"holds no momentum \(EMA\) weights.*drop --ema"):
+        load_backbone(RunDir(done).checkpoint, ema=True)
