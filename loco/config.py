@@ -237,10 +237,10 @@ class ObjectiveConfig:
     for another objective is rejected. simclr reads method.temperature (and
     method.supervised under infopro)."""
 
-    byol: ByolConfig = field(default_factory=ByolConfig)
-    mocov3: MocoV3Config = field(default_factory=MocoV3Config)
-    barlow: BarlowConfig = field(default_factory=BarlowConfig)
-    vicreg: VicRegConfig = field(default_factory=VicRegConfig)
+    byol: ByolConfig = opt(factory=ByolConfig, help="BYOL (Grill et al. 2020)")
+    mocov3: MocoV3Config = opt(factory=MocoV3Config, help="MoCo v3 (Chen, Xie, He 2021)")
+    barlow: BarlowConfig = opt(factory=BarlowConfig, help="Barlow Twins (Zbontar et al. 2021)")
+    vicreg: VicRegConfig = opt(factory=VicRegConfig, help="VICReg (Bardes, Ponce, LeCun 2022)")
 
 
 @dataclass

@@ -31,31 +31,44 @@ def config_rows(section: str | None = None) -> list[tuple[str, str, str, str]]:
         close = difflib.get_close_matches(section, sections, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise LocoError(f"no config section '{section}'{hint} (sections: {', '.join(sections)})")
-    rows = []
+    rows: list[tuple[str, str, str, str]] = []
     for name in sections if section is None else [section]:
-        sub = getattr(cfg, name)
-        hints = typing.get_type_hints(type(sub))
-        for f in dataclasses.fields(sub):
-            default = yaml.safe_dump(getattr(sub, f.name), default_flow_style=True).strip()
-            default = default.removesuffix("\n...").removesuffix("...").strip()
-            rows.append(
-                (f"{name}.{f.name}", _type_name(hints[f.name]), default, f.metadata.get("help", ""))
-            )
+        _add_rows(rows, name, getattr(cfg, name))
     return rows
+
+
+def _add_rows(rows: list[tuple[str, str, str, str]], prefix: str, sub: object) -> None:
+    """Rows of the dataclass ``sub`` under ``prefix``, into nested sections (objective.byol)."""
+    hints = typing.get_type_hints(type(sub))
+    for f in dataclasses.fields(sub):  # type: ignore[arg-type]
+        value = getattr(sub, f.name)
+        if dataclasses.is_dataclass(value):
+            _add_rows(rows, f"{prefix}.{f.name}", value)
+            continue
+        default = yaml.safe_dump(value, default_flow_style=True).strip()
+        default = default.removesuffix("\n...").removesuffix("...").strip()
+        rows.append(
+            (f"{prefix}.{f.name}", _type_name(hints[f.name]), default, f.metadata.get("help", ""))
+        )
 
 
 def as_yaml(section: str | None = None) -> str:
     """The defaults as YAML, each key preceded by its help as a comment."""
     lines: list[str] = []
-    current = None
+    current: list[str] = []
     for key, _tp, default, help_text in config_rows(section):
-        sec, name = key.split(".", 1)
-        if sec != current:
-            lines.append(f"{'' if current is None else chr(10)}{sec}:")
-            current = sec
+        *path, name = key.split(".")
+        same = 0  # sections shared with the previous key
+        while same < min(len(path), len(current)) and path[same] == current[same]:
+            same += 1
+        for depth in range(same, len(path)):
+            blank = "\n" if depth == 0 and lines else ""
+            lines.append(f"{blank}{'  ' * depth}{path[depth]}:")
+        current = path
+        indent = "  " * len(path)
         if help_text:
-            lines.append(f"  # {help_text}")
-        lines.append(f"  {name}: {default}")
+            lines.append(f"{indent}# {help_text}")
+        lines.append(f"{indent}{name}: {default}")
     return "\n".join(lines) + "\n"
 
 
@@ -63,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "section",
         nargs="?",
-        help="one section: data, model, decoder, method, optim, train, monitor",
+        help="one section: data, model, decoder, method, objective, optim, train, monitor",
     )
     parser.add_argument(
         "--yaml", action="store_true", help="print the defaults as a commented YAML config"

@@ -65,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    parser.epilog = f"methods (method.name): {', '.join(sorted(METHODS))}"
+    from loco.objectives import OBJECTIVES
+
+    parser.epilog = (
+        f"methods (method.name): {', '.join(sorted(METHODS))}; objectives (method.objective): "
+        f"{', '.join(sorted(OBJECTIVES))}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
