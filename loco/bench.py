@@ -1,4 +1,5 @@
-"""``loco bench``: FLOPs, activation memory and throughput of each method, as ratios to e2e.
+"""``loco bench``: FLOPs, activation memory and throughput of each method (and objective),
+as ratios to e2e (with SimCLR).
 
 Every figure is measured in this process on the same backbone, batch and image size, and
 reported next to its ratio to e2e (no recomputation), so the ratios hold on any machine:
@@ -15,6 +16,13 @@ reported next to its ratio to e2e (no recomputation), so the ratios hold on any 
     loco bench --backbone resnet50 --image-size 224 --batch 8 \\
         --methods e2e,greedy,loco,loco_naive,infopro --split stages --recompute none,stage1 \\
         --out bench.json
+    loco bench -c configs/small/loco.yaml --methods e2e,greedy,loco \\
+        --objectives simclr,byol,vicreg --out bench_objectives.json
+
+With several ``--objectives`` every method is measured with each; the baseline stays e2e
+with SimCLR. An objective's predictor and momentum target count as decoder FLOPs (what
+the loss adds to the backbone), its momentum copies as parameter bytes, and the timed
+step includes the momentum update.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.methods.base import options_for
 from loco.models.backbone import build_backbone
+from loco.objectives import OBJECTIVES, for_objective
 from loco.optim import build_optimizer
 from loco.plans import format_recompute_plan, parse_recompute_plan
 from loco.profiling import (
@@ -76,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default="e2e,greedy,loco,loco_naive,infopro",
         help=f"comma list of {', '.join(sorted(METHODS))}; e2e is always measured (the baseline)",
+    )
+    parser.add_argument(
+        "--objectives",
+        help=f"comma list of {', '.join(sorted(OBJECTIVES))} (default: the config's "
+        "method.objective); each method is measured with each, ratios to e2e with simclr",
     )
     parser.add_argument(
         "--split",
@@ -157,6 +171,7 @@ class Row:
     cuda_max_batch: int | None = None
     bytes_per_image: float | None = None  # all tensors of a step, per image (two views)
     est_max_batch: int | None = None  # fp32, from --memory-budget and the two batch sizes
+    objective: str = "simclr"
     ratios: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -169,8 +184,13 @@ class Row:
         return d
 
 
-def build(cfg: Config, method_name: str, recompute: str, seed: int) -> Method:
-    """The method (``loco_naive``: the reference LoCo) on a fresh backbone, in train mode."""
+def build(
+    cfg: Config, method_name: str, recompute: str, seed: int, objective: str | None = None
+) -> Method:
+    """The method (``loco_naive``: the reference LoCo) on a fresh backbone, in train mode;
+    with ``objective``, that objective (its options kept, the others' at their defaults)."""
+    if objective is not None:
+        cfg.method, cfg.objective = for_objective(cfg, objective)
     cfg.method = options_for(cfg.method, method_name)
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.model, cfg.data.image_size)
@@ -197,7 +217,9 @@ def decoder_flops(method: Method, views: list[torch.Tensor]) -> int:
     total = 0
     for k in keys:
         h = outs[k].detach().requires_grad_(True)
-        total += count_flops(lambda k=k, h=h: owner.head_loss(k, h).backward())
+        first = owner.target_modules(k)[0]  # a momentum target's input
+        x_k = x if first == 0 else outs[first - 1]
+        total += count_flops(lambda k=k, h=h, x_k=x_k: owner.head_loss(k, h, x_k).backward())
     if hasattr(owner, "_images"):
         owner._images = None
     owner.zero_grad(set_to_none=True)
@@ -211,8 +233,9 @@ def measure_row(
     plan: str,
     views: list[torch.Tensor],
     args: argparse.Namespace,
+    objective: str | None = None,
 ) -> Row:
-    method = build(cfg, name, plan, args.seed)
+    method = build(cfg, name, plan, args.seed, objective)
     bb = method.backbone
     row = Row(
         name,
@@ -220,6 +243,7 @@ def measure_row(
         recompute,
         format_recompute_plan(bb.recompute),
         modules=bb.num_modules,
+        objective=cfg.method.objective,
     )
 
     def step() -> None:
@@ -251,7 +275,7 @@ def measure_row(
         row.step_s, row.cpu_s = time_steps(method, optimizer, views, args.steps)
         row.img_per_s = views[0].shape[0] / row.step_s
         if args.compile:
-            compiled = build(cfg, name, plan, args.seed)
+            compiled = build(cfg, name, plan, args.seed, objective)
             compiled.backbone.compile_units()
             opt = build_optimizer(compiled, cfg.optim, 1)
             row.compiled_img_per_s = (
@@ -290,6 +314,7 @@ def time_steps(
         with _autocast(device):
             method.training_step(views)
         optimizer.step()
+        method.update_momentum(i, steps + 1)  # objectives with a momentum target
         _sync(device)
         if i > 0:
             wall.append(time.perf_counter() - t0)
@@ -314,7 +339,9 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def cuda_measure(cfg: Config, row: Row, args: argparse.Namespace, device: torch.device) -> None:
     """Peak allocated bytes of one bf16 channels_last step, and optionally the largest batch."""
     method = (
-        build(cfg, row.method, row.plan, args.seed).to(device).to(memory_format=torch.channels_last)
+        build(cfg, row.method, row.plan, args.seed, row.objective)
+        .to(device)
+        .to(memory_format=torch.channels_last)
     )
     optimizer = build_optimizer(method, cfg.optim, 1)
 
@@ -487,6 +514,15 @@ def run(args: argparse.Namespace) -> int:
             f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}"
         )
     names = ["e2e"] + [m for m in names if m != "e2e"]
+    objectives = [o.strip() for o in (args.objectives or cfg.method.objective).split(",")]
+    objectives = [o for o in objectives if o]
+    wrong = [o for o in objectives if o not in OBJECTIVES]
+    if wrong:
+        raise LocoError(
+            f"unknown objective(s) {', '.join(wrong)}; choose from {', '.join(sorted(OBJECTIVES))}"
+        )
+    for objective in objectives:  # e.g. an EMA objective with stage parallelism
+        for_objective(cfg, objective)
     specs = [r.strip() for r in args.recompute.split(",") if r.strip()]
     if args.device == "cuda" and not torch.cuda.is_available():
         raise LocoError("--device cuda but no CUDA device is visible")
@@ -506,18 +542,24 @@ def run(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     profiles: dict[tuple[str, str], dict[str, Any]] = {}
     splits = _splits(args.split) if args.split or not args.config else [cfg.model.split]
-    jobs = [(split, spec, name) for split in splits for spec in specs for name in names]
-    if "none" not in specs:  # the baseline of every ratio: e2e without recomputation
-        jobs.insert(0, (splits[0], "none", "e2e"))
+    jobs = [
+        (split, spec, name, objective)
+        for split in splits
+        for spec in specs
+        for objective in objectives
+        for name in names
+    ]
+    if (splits[0], "none", "e2e", "simclr") not in jobs:  # the baseline of every ratio
+        jobs.insert(0, (splits[0], "none", "e2e", "simclr"))
     caches: dict[str, dict[str, int]] = {}
-    for split, spec, name in jobs:
+    for split, spec, name, objective in jobs:
         cfg.model.split = split
         cache = caches.setdefault(str(split), {})
         ratio = _auto_ratio(spec)
         plan = spec if ratio is None else auto_plan(cfg, name, ratio, plan_views, args.seed, cache)
-        log.info("bench %s split=%s recompute=%s (%s)", name, split, spec, plan)
+        log.info("bench %s %s split=%s recompute=%s (%s)", name, objective, split, spec, plan)
         t0 = time.perf_counter()
-        row = measure_row(cfg, name, spec, plan, views, cpu_args)
+        row = measure_row(cfg, name, spec, plan, views, cpu_args, objective)
         if device.type == "cuda":
             cuda_measure(cfg, row, args, device)
             torch.cuda.empty_cache()
@@ -535,7 +577,9 @@ def run(args: argparse.Namespace) -> int:
                 "recompute": row.plan,
                 "profile": module_profile(cfg, row.plan, views, args.seed),
             }
-    baseline = [r for r in rows if r.method == "e2e" and r.plan == "none"]
+    baseline = [
+        r for r in rows if r.method == "e2e" and r.plan == "none" and r.objective == "simclr"
+    ]
     base = baseline[0] if baseline else rows[0]
     add_ratios(rows, base)
     result = {
@@ -550,8 +594,17 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
-        "baseline": {"method": base.method, "split": base.split, "recompute": base.plan},
-        "config": {"decoder": cfg.to_dict()["decoder"], "method": cfg.to_dict()["method"]},
+        "baseline": {
+            "method": base.method,
+            "objective": base.objective,
+            "split": base.split,
+            "recompute": base.plan,
+        },
+        "config": {
+            "decoder": cfg.to_dict()["decoder"],
+            "method": cfg.to_dict()["method"],
+            "objective": cfg.to_dict()["objective"],
+        },
         "rows": [r.as_dict() for r in rows],
         "modules": list(profiles.values()),
     }

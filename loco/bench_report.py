@@ -41,7 +41,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in rows:
         q = r["ratios"]
         cells = [
-            r["method"],
+            label(r),
             str(r["split"]),
             r["recompute"],
             f"{r['flops'] / 1e9:.2f}",
@@ -80,7 +80,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in rows:
         owners = sorted(r["saved_peak_by_owner"].items(), key=_owner_order)
         parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in owners if v >= MiB / 2) or "-"
-        out.append(f"- {r['method']} / {r['split']} / {r['recompute']}: {parts}")
+        out.append(f"- {label(r)} / {r['split']} / {r['recompute']}: {parts}")
     out += [
         "",
         "Per module (forward FLOPs; bytes its forward saves for backward; its decoder's"
@@ -104,6 +104,12 @@ def markdown(result: dict[str, Any]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def label(row: dict[str, Any]) -> str:
+    """The row's method, with its objective unless SimCLR (e.g. ``loco+byol``)."""
+    objective = row.get("objective", "simclr")
+    return row["method"] if objective == "simclr" else f"{row['method']}+{objective}"
 
 
 def _owner_order(item: tuple[str, int]) -> tuple[int, int, str]:

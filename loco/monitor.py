@@ -1,8 +1,11 @@
-"""Representation quality while pretraining runs: an online linear probe.
+"""Representation quality while pretraining runs: an online linear probe, a kNN monitor
+and a collapse check.
 
 The probe trains on detached last-module features with its own optimizer, so it never
 changes the backbone's gradients; its running accuracy tells a user, hours into a
-multi-day run, whether the representation is improving.
+multi-day run, whether the representation is improving. Non-contrastive objectives (BYOL,
+VICReg, Barlow Twins) can collapse to a constant embedding while their loss still falls:
+:func:`collapse_std` shows it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+COLLAPSE_FLOOR = 0.1  # collapse/std below this: (nearly) collapsed (docs/methods.md)
+
+
+def collapse_std(features: torch.Tensor) -> float:
+    """Spread of the representation: the per-dimension std over the batch of the
+    L2-normalised backbone readout (pooled last-module features, what kNN compares),
+    averaged over the d dimensions and scaled by sqrt(d). About 1 for embeddings spread
+    evenly over the sphere (isotropic), 0 for a collapsed, constant embedding."""
+    z = F.normalize(features.detach().float(), dim=1)
+    return float(z.std(dim=0).mean() * z.shape[1] ** 0.5)
 
 
 class OnlineProbe(nn.Module):

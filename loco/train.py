@@ -44,7 +44,7 @@ from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
 from loco.models.backbone import build_backbone
 from loco.models.sync_bn import sync_batchnorm
-from loco.monitor import KNNMonitor, OnlineProbe
+from loco.monitor import KNNMonitor, OnlineProbe, collapse_std
 from loco.optim import build_optimizer, build_scheduler
 from loco.plans import parse_recompute_plan, parse_split
 from loco.rundir import RunDir, git_revision
@@ -375,6 +375,7 @@ class Pretrainer:
         with autocast_for(self.cfg, self.device):
             out = self.method.training_step(views, labels)
         values = {k: float(v) for k, v in out.losses.items()}
+        values["collapse/std"] = collapse_std(out.features)  # ~1 spread, 0 collapsed
         self.check_health(values)
         average_gradients(self.params)
         if self.scaler.is_enabled():  # an inf/NaN gradient anywhere skips the whole step

@@ -329,3 +329,27 @@ def test_step_memory_is_linear_in_the_batch_so_the_estimate_holds():
         predicted = peaks[4] + 4 * per_image
         assert per_image > 0
         assert abs(predicted - peaks[8]) <= 0.05 * peaks[8], (name, predicted, peaks[8])
+
+
+def test_bench_rows_per_objective_against_e2e_simclr(tmp_path):
+    """``--objectives``: every method with every objective, ratios to e2e with SimCLR; BYOL's
+    momentum copy of the network shows in the parameter bytes and its forward in the FLOPs."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--backbone", "resnet18", "--image-size", "32", "--batch", "2"]
+    args += ["--methods", "loco", "--objectives", "byol,vicreg", "--steps", "1"]
+    args += ["--memory-budget", "0", "--out", str(out), "model.kwargs={channels: [8, 16, 32, 64]}"]
+    assert main([*args, "decoder.hidden_dim=32"]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["method"], r["objective"]): r for r in result["rows"]}
+    assert set(rows) == {
+        ("e2e", "simclr"), ("e2e", "byol"), ("loco", "byol"), ("e2e", "vicreg"), ("loco", "vicreg")
+    }  # fmt: skip
+    assert result["baseline"]["objective"] == "simclr"
+    assert rows["e2e", "simclr"]["ratios"]["flops"] == 1.0
+    cfg = Config()
+    cfg.model.kwargs = dict(TINY)
+    backbone_bytes = 4 * sum(p.numel() for p in build_backbone(cfg.model, 32).parameters())
+    simclr, byol = rows["e2e", "simclr"], rows["e2e", "byol"]
+    assert byol["params"] - simclr["params"] > backbone_bytes  # momentum backbone (+ heads)
+    assert byol["flops"] > simclr["flops"] and byol["ratios"]["flops"] > 1
+    assert "| loco+byol |" in out.with_suffix(".md").read_text()

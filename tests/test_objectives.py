@@ -213,6 +213,19 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path):
             assert torch.allclose(got, rows, rtol=1e-8, atol=1e-12), f"{name}: rank {r} gradient"
 
 
+def test_collapse_std_is_zero_when_collapsed_and_one_when_spread():
+    from loco.monitor import collapse_std
+
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal((4096, 64))
+    normed = spread / np.linalg.norm(spread, axis=1, keepdims=True)
+    want = normed.std(0, ddof=1).mean() * 8  # numpy, sqrt(64) = 8
+    assert collapse_std(torch.tensor(spread)) == pytest.approx(want, rel=1e-5)
+    assert want == pytest.approx(1.0, abs=0.02)
+    constant = torch.ones(32, 64) + 1e-3 * torch.randn(32, 64)
+    assert collapse_std(constant) < 0.01
+
+
 # -- configuration --------------------------------------------------------------------------
 def test_objective_options_belong_to_their_objective():
     with pytest.raises(LocoError, match="objective.vicreg.sim_coeff=10.0 has no effect with "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -128,6 +129,8 @@ def test_momentum_objective_resumes_exactly(cifar_val_root, ema_run, tmp_path):
         assert a[key].keys() == b[key].keys()
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
+    logged = [json.loads(line) for line in RunDir(ema_run).metrics.read_text().splitlines()]
+    assert all(line["collapse/std"] > 0 for line in logged)  # the collapse check is logged
     # the momentum backbone is its own network, not the online one
     assert any(not torch.equal(a["backbone"][k], v) for k, v in a["backbone_ema"].items())
 

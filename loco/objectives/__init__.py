@@ -11,6 +11,7 @@ from loco.objectives.base import (
     build_objective,
     check_objective_config,
     cosine_momentum,
+    for_objective,
     head_config,
     register,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "build_objective",
     "check_objective_config",
     "cosine_momentum",
+    "for_objective",
     "head_config",
     "register",
 ]

@@ -10,6 +10,7 @@ module and its decoder (:mod:`loco.objectives.momentum`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass
@@ -137,6 +138,25 @@ def check_objective_config(cfg: Config) -> None:
             "vicreg"
         )
     cls.check(cfg)
+
+
+def for_objective(cfg: Config, name: str) -> tuple[MethodConfig, ObjectiveConfig]:
+    """``cfg``'s method and objective sections for objective ``name``: the options of
+    ``name`` kept, every other objective's at its defaults (``loco bench`` measures several
+    objectives with one config); checked like a config."""
+    defaults, method_defaults = ObjectiveConfig(), MethodConfig()
+    sections = {
+        f.name: copy.deepcopy(getattr(cfg.objective if f.name == name else defaults, f.name))
+        for f in dataclasses.fields(ObjectiveConfig)
+    }
+    keep = {
+        k: getattr(cfg.method if owner == name else method_defaults, k)
+        for k, owner in METHOD_KEYS.items()
+    }
+    method = dataclasses.replace(cfg.method, objective=name, **keep)
+    objective = ObjectiveConfig(**sections)
+    check_objective_config(dataclasses.replace(cfg, method=method, objective=objective))
+    return method, objective
 
 
 def cosine_momentum(base: float, step: int, total: int) -> float:
