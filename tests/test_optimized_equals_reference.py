@@ -204,3 +204,19 @@ def test_reference_is_not_vacuous(views):
     a = loco.backbone.module_parameters(0)[0].grad
     b = greedy.backbone.module_parameters(0)[0].grad
     assert not torch.allclose(a, b)
+
+
+def test_naive_loco_shares_the_momentum_network(views):
+    """``loco_naive`` with a momentum objective: the reference uses (and updates) the
+    method's one momentum copy, the one the trainer saves as ``backbone_ema``."""
+    from loco.methods.reference import NaiveLoCo
+
+    cfg = make("loco", {"objective": "byol"}, "stages").cfg
+    naive = NaiveLoCo(build_backbone(cfg.model, SIZE), cfg).double()
+    assert naive.momentum is naive.method.momentum is not None
+    naive.training_step(views)
+    before = [p.clone() for p in naive.momentum.parameters()]
+    naive.method.backbone.body.conv1.weight.data.add_(1.0)
+    assert naive.update_momentum(0, 10) == pytest.approx(0.996)
+    after = list(naive.momentum.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))

@@ -116,9 +116,11 @@ class Method(nn.Module):
     ) -> nn.ModuleDict:
         """One decoder per local loss, keyed by module index (as a string), and what the
         objective adds to each: a predictor, the decoders' momentum copies."""
-        if build is None:
-            build = lambda k: ProjectionDecoder.for_module(self.backbone, k, self.decoder_cfg)  # noqa: E731
-        heads = nn.ModuleDict({str(k): build(k) for k in modules})
+
+        def decoder(k: int) -> nn.Module:
+            return ProjectionDecoder.for_module(self.backbone, k, self.decoder_cfg)
+
+        heads = nn.ModuleDict({str(k): (build or decoder)(k) for k in modules})
         if self.objective.predictor:
             d = self.decoder_cfg
             self.predictors = nn.ModuleDict(

@@ -70,7 +70,11 @@ class Reference(Method):
     def __init__(self, method: Method) -> None:
         super().__init__(method.backbone, method.cfg)
         self.method = method
+        self.momentum = method.momentum  # shared, like the backbone (no copy of its own)
         self.windows = loss_windows(method)
+
+    def update_momentum(self, step: int, total: int) -> float | None:
+        return self.method.update_momentum(step, total)
 
     def module_params(self, k: int) -> list[nn.Parameter]:
         return self.method.module_params(k)
