@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from loco import checkpoint as ckpt
+from loco.compare.sections import ORDER, SECTIONS, VARIANTS, Section, Variant
 from loco.config import Config, load_config
 from loco.errors import LocoError
-from loco.compare.sections import ORDER, SECTIONS, VARIANTS, Section, Variant
 from loco.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]

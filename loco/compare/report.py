@@ -3,16 +3,13 @@ the findings with their noise verdicts, and the top-1 plot."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from string import Template
 from typing import Any
 
-from loco.compare.collect import collect
 from loco.compare.plan import (
     BENCH_S_GUESS,
     COST_PRIOR,
