@@ -253,10 +253,13 @@ def test_protocol_pin_accepts_a_new_key_at_its_default(tmp_path):
 
 
 @pytest.mark.distributed
-def test_sections_regenerate_alone_and_stage_parallel_runs(cifar_val_root, tmp_path):
+def test_sections_regenerate_alone_and_stage_parallel_runs(
+    cifar_val_root, tmp_path, one_thread, capsys
+):
     """The stage_parallel section trains on 2 torchrun processes (2 steps), writes its own
     block and plot, and leaves the page's other blocks byte for byte; the methods section
-    rewritten afterwards leaves the stage_parallel block alone; a re-run skips finished jobs."""
+    rewritten afterwards leaves the stage_parallel block alone; a re-run skips finished jobs.
+    (In-process, as ``tools/compare.py`` runs it; only the pretraining is 2 processes.)"""
     from loco.compare.page import blocks
 
     runs, docs = tmp_path / "runs", tmp_path / "docs"
@@ -268,16 +271,13 @@ def test_sections_regenerate_alone_and_stage_parallel_runs(cifar_val_root, tmp_p
         "2", "--linear-epochs", "2", "--runs", str(runs), "--docs", str(docs),
         *tiny_data(cifar_val_root),
     ]  # fmt: skip
-    cmd = [sys.executable, str(ROOT / "tools" / "compare.py"), *small]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    stage = [*cmd, "--section", "stage_parallel", "--methods", "loco_pipelined"]
-    first = subprocess.run(stage, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    compare = load_compare()
+    stage = [*small, "--section", "stage_parallel", "--methods", "loco_pipelined"]
+    assert compare.main(stage) == 0, capsys.readouterr()
     rd = runs / "compare_stage_parallel" / "loco_pipelined" / "seed0"
     state = ckpt.load(rd / "checkpoint.pt")
-    assert (
-        state["step"] == 2 and state["meta"]["ranks"] == 2 and state["meta"]["stage_parallel"] == 2
-    )
+    assert state["step"] == 2 and state["meta"]["ranks"] == 2
+    assert state["meta"]["stage_parallel"] == 2
     assert state["config"]["train"]["stage_schedule"] == "pipelined"
     logged = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and {"loss/s1", "loss/s2"} <= set(logged[-1])
@@ -296,11 +296,7 @@ def test_sections_regenerate_alone_and_stage_parallel_runs(cifar_val_root, tmp_p
     assert "Not run yet: `python tools/compare.py --section presnet`" in after["presnet"]
 
     # the methods section rewritten (from what exists: nothing) leaves the others alone
-    methods = subprocess.run(
-        [*cmd, "--methods", "e2e", "--report-only"], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-    assert methods.returncode == 0, methods.stderr[-4000:]
+    assert compare.main([*small, "--methods", "e2e", "--report-only"]) == 0
     text = (docs / "results.md").read_text()
     again = blocks(text)
     assert "NOT YET RUN" in again["methods"] and again["methods"] != before["methods"]
@@ -310,8 +306,8 @@ def test_sections_regenerate_alone_and_stage_parallel_runs(cifar_val_root, tmp_p
 
     # finished jobs are skipped: nothing retrained
     mtime = (rd / "checkpoint.pt").stat().st_mtime
-    rerun = subprocess.run(stage, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert rerun.stdout.count("done, skipped") == 2
+    capsys.readouterr()
+    assert compare.main(stage) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 2
     assert (rd / "checkpoint.pt").stat().st_mtime == mtime
     assert blocks((docs / "results.md").read_text())["methods"] == again["methods"]

@@ -501,7 +501,8 @@ def is_done(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
 def cost_of(args: argparse.Namespace, name: str) -> float:
     """A row's cost per step x e2e's, until measured: its own prior, else its config's."""
     v = variant(args, name)
-    return v.cost or COST_PRIOR.get(name, COST_PRIOR.get(v.config, 1.0))
+    prior = v.cost or COST_PRIOR.get(name, COST_PRIOR.get(v.config, 1.0))
+    return prior * args.section.cost_scale
 
 
 def estimate(

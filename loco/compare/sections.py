@@ -64,6 +64,7 @@ class Section:
     floor_home: str | None = None  # the section whose random-init floor runs this one reuses
     stages: int = 4  # readout stages of its tables (columns shown before results exist)
     template: str = "report.md"  # its prose, next to this module (methods-like sections)
+    cost_scale: float = 1.0  # ETA prior: a step of its network x the small ResNet-18's
     about: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -98,6 +99,7 @@ def _presnet() -> Section:
         reference=False,
         stages=6,
         template="presnet.md",
+        cost_scale=1.8,  # forward 162 vs 89 MFLOPs per 32 px image (torch's FLOP counter)
         about="e2e/greedy/loco on a quarter-width PResNet-50 (six stages) x 2 seeds",
     )
 
