@@ -96,8 +96,8 @@ def test_imagenet_configs_parse(path):
     assert cfg.train.output_dir.endswith(path.stem.replace("imagenet_resnet50_", ""))
 
 
-def test_compare_smoke_resume_and_skip(cifar_val_root, tmp_path, one_thread):
-    out, docs = tmp_path / "out", tmp_path / "docs"
+def test_compare_smoke_resume_and_skip(cifar_val_root, tmp_path, one_thread, capsys):
+    out, docs = tmp_path / "compare", tmp_path / "docs"
     argv = [
         "--steps", "2", "--methods", "e2e,loco", "--seeds", "0",
         "--eval-train-per-class", "3", "--eval-val-per-class", "2", "--linear-epochs", "2",
@@ -142,6 +142,35 @@ def test_compare_smoke_resume_and_skip(cifar_val_root, tmp_path, one_thread):
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("done, skipped") == 9
     assert (out / "loco" / "seed0" / "checkpoint.pt").stat().st_mtime == mtime
+
+    # the objectives section's SimCLR rows and floor are these runs: skipped, and reported
+    # with the e2e-minus-loco gap and the collapse check from their cached eval features
+    rows = ["--section", "objectives", "--methods", "e2e_simclr,loco_simclr"]
+    shared = [a for i, a in enumerate(argv) if "--out" not in argv[i - 1 : i + 1]]
+    shared = [a for i, a in enumerate(shared) if "--methods" not in shared[i - 1 : i + 1]]
+    objectives = [*rows, "--runs", str(tmp_path), *shared]
+    capsys.readouterr()
+    assert compare.main(objectives) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 5  # floor + 2 x (pretrain, eval)
+    assert (out / "loco" / "seed0" / "checkpoint.pt").stat().st_mtime == mtime
+    block = (docs / "results.md").read_text().split("<!-- section: objectives -->")[1]
+    summary = json.loads((tmp_path / "compare_objectives" / "summary.json").read_text())
+    e2e, loco = (summary["methods"][f"{r}_simclr"]["knn"]["4"]["mean"] for r in ("e2e", "loco"))
+    assert f"| kNN | e2e − loco | simclr | {e2e - loco:+.1f} ± " in block
+    spread = summary["methods"]["loco_simclr"]["seeds"]["0"]["feature_spread"]
+    assert spread["stage"] == 4 and spread["dim"] == 128 and spread["mean"] > 0
+    import numpy as np
+    import torch
+
+    (cached,) = [  # the val features: 2 per class (the train ones: 3)
+        f.parent / "stage4.npy"
+        for f in (out / "loco" / "seed0" / "eval" / "features").glob("*/meta.json")
+        if json.loads(f.read_text())["data"]["per_class"] == 2
+    ]
+    x = torch.nn.functional.normalize(torch.from_numpy(np.load(cached)).double(), dim=1)
+    assert spread["mean"] == pytest.approx(float(x.std(0, unbiased=False).mean()) * 128**0.5)
+    assert f"| `loco_simclr` | 0 | {spread['mean']:.3f} |" in block
+    assert (docs / "results_objectives.png").stat().st_size > 0
 
 
 # -- the sections of docs/results.md ------------------------------------------------------------

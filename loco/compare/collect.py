@@ -69,23 +69,27 @@ def logged_std(rd: Path) -> dict[str, float]:
     return out
 
 
-def feature_spread(eval_dir: Path) -> dict[str, float] | None:
+def feature_spread(eval_dir: Path, val_per_class: int) -> dict[str, float] | None:
     """Collapse check from the cached eval features: the per-dimension std of the last
     stage's pooled val features after L2 normalisation, x sqrt(dim) (about 1 when the
     features spread like a uniform distribution on the sphere, 0 when they collapse to
-    one point), its mean and the fraction of dimensions below 0.01 of that scale."""
+    one point), its mean and the fraction of dimensions below 0.01 of that scale. The val
+    features are the cache holding ``val_per_class`` images per class."""
     import numpy as np
 
-    folders = sorted(
-        (eval_dir / "features").glob("val-*/meta.json"), key=lambda f: f.stat().st_mtime
-    )
-    if not folders:
+    metas = sorted((eval_dir / "features").glob("*/meta.json"), key=lambda f: f.stat().st_mtime)
+    val = [
+        (f, m)
+        for f in metas
+        if (m := json.loads(f.read_text()))["data"]["per_class"] == val_per_class
+    ]
+    if not val:
         return None
-    meta = json.loads(folders[-1].read_text())
+    folder, meta = val[-1]
     last = max(meta.get("stages", {}), key=int, default=None)
     if last is None:
         return None
-    x = np.load(folders[-1].parent / meta["stages"][last]["file"]).astype(np.float64)
+    x = np.load(folder.parent / meta["stages"][last]["file"]).astype(np.float64)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     std = x.std(axis=0) * np.sqrt(x.shape[1])
     return {
@@ -129,7 +133,7 @@ def collect_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
             rec["curves"] = loss_curves(rd)
             rec["logged_std"] = logged_std(rd)
         if done.is_file():
-            rec["feature_spread"] = feature_spread(rd / "eval")
+            rec["feature_spread"] = feature_spread(rd / "eval", args.eval_val_per_class)
         if rec.get("train_s") and rec.get("steps"):
             rec["s_per_step"] = rec["train_s"] / rec["steps"]
         if rec:
