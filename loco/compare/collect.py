@@ -244,7 +244,7 @@ def collect(
             n: {
                 "label": LABELS.get(n, n),
                 "about": variant(args, n).about,
-                "runs": str(run_dir(args, n, args.seeds[0]).parent),
+                "runs": str(run_dir(args, n, args.seeds[0]).parent.parent),  # its section's folder
                 **collect_entry(args, n),
                 "commands": {str(s): commands(args, n, s) for s in args.seeds},
             }

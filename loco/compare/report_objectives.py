@@ -81,7 +81,11 @@ def collapse_rows(summary: dict[str, Any]) -> list[str]:
             knn = rec.get("knn", {})
             last = max(knn, key=int) if knn else None
             fl = floor_knn.get(seed, {}).get(last) if last else None
-            beats = "-" if fl is None or last is None else ("yes" if knn[last] > fl + 1 else "NO")
+            beats = (
+                "-"
+                if name == FLOOR or fl is None or last is None
+                else ("yes" if knn[last] > fl + 1 else "NO")
+            )
             logged = ", ".join(f"{k} {v:.3g}" for k, v in rec.get("logged_std", {}).items()) or "-"
             top1 = f"{knn[last]:.1f}" if last else "-"
             ok = name == FLOOR or spread["mean"] >= SPREAD_FLOOR
