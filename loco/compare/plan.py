@@ -335,12 +335,29 @@ def _differences(old: Any, new: Any, default: Any, key: str = "") -> list[str]:
     return [] if old == new else [key]
 
 
+def unavailable(args: argparse.Namespace, name: str) -> str | None:
+    """Why a row's config does not load (e.g. a config key this loco does not have yet)."""
+    cache = args.__dict__.setdefault("_unavailable", {})
+    if name not in cache:
+        try:
+            pretrain_config(args, name, args.seeds[0])
+            cache[name] = None
+        except LocoError as exc:
+            cache[name] = str(exc)
+    return cache[name]
+
+
 def check_protocol(args: argparse.Namespace) -> None:
     """Refuse to mix budgets: ``<out>/protocol.json`` pins steps, eval sizes and configs;
-    rows living in another section's folder are checked against that folder's pin."""
-    _pin(args, args.out, [m for m in args.methods if m not in args.shared])
+    rows living in another section's folder are checked against that folder's pin. With
+    ``--plan``, rows whose config does not load are left out (the plan lists them)."""
+
+    def rows(names: list[str]) -> list[str]:
+        return [m for m in names if not (args.plan and unavailable(args, m))]
+
+    _pin(args, args.out, rows([m for m in args.methods if m not in args.shared]))
     for root in dict.fromkeys(args.shared.values()):
-        _pin(args, root, [m for m, r in args.shared.items() if r == root and m != FLOOR])
+        _pin(args, root, rows([m for m, r in args.shared.items() if r == root and m != FLOOR]))
 
 
 def _pin(args: argparse.Namespace, out: Path, names: list[str]) -> None:
@@ -474,6 +491,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
 def steps_of(args: argparse.Namespace, name: str, seed: int) -> int:
     if name == REFERENCE:
         return reference_settings(args, seed).steps
+    if name != FLOOR and unavailable(args, name):  # planned only: the section's budget
+        return base_config(args, seed).optim.max_steps
     cfg = pretrain_config(args, name, seed)
     if cfg.optim.max_steps:
         return cfg.optim.max_steps
@@ -486,6 +505,8 @@ def is_done(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
     rd = run_dir(args, name, seed)
     if kind == "eval":
         return (rd / "eval" / "done.json").is_file()
+    if name != REFERENCE and unavailable(args, name):
+        return False
     if name == REFERENCE:
         done = rd / "done.json"
         return done.is_file() and json.loads(done.read_text()).get("steps") == steps_of(

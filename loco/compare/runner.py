@@ -31,6 +31,7 @@ from loco.compare.plan import (
     run_dir,
     simclr_minimal,
     torchrun_argv,
+    unavailable,
     variant,
 )
 from loco.compare.write import write_outputs
@@ -139,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             return code
         worst = max(worst, code)
     if args.plan:
-        left = sum(getattr(a, "eta", 0.0) for a in args.sections)
-        print(f"\nall sections: estimate {_t(left)} to run (idle 2-core guess until measured)")
+        shared: dict = {}
+        for a in args.sections:
+            shared.update(getattr(a, "eta", {}))
+        print(
+            f"\nall sections: estimate {_t(sum(shared.values()))} to run (jobs shared by sections "
+            "counted once; idle 2-core guess until measured)"
+        )
     return worst
 
 
@@ -156,7 +162,13 @@ def run_section(args: argparse.Namespace) -> int:
             return 0
         summary = collect(args, all_jobs)
         todo = [j for j in all_jobs if not is_done(args, *j)]
-        total = args.eta = sum(estimate(args, summary, *j) for j in todo)
+        args.eta = {  # per job, keyed by where it writes: sections share the methods runs
+            (j[0], str(run_dir(args, j[1], j[2]) if j[2] is not None else args.out / j[1])): (
+                estimate(args, summary, *j)
+            )
+            for j in todo
+        }
+        total = sum(args.eta.values())
         print(
             f"compare {args.section.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(todo)} done, {len(todo)} to run; "
             f"estimate {_t(total)} (idle 2-core guess until measured)",
@@ -169,6 +181,9 @@ def run_section(args: argparse.Namespace) -> int:
                     if (kind, name, seed) not in todo
                     else f"~{_t(estimate(args, summary, kind, name, seed))}"
                 )
+                why = unavailable(args, name) if kind == "pretrain" and name != REFERENCE else None
+                if why:
+                    state += f"  UNAVAILABLE: {why}"
                 print(f"  {describe(kind, name, seed):<34} {state}")
             for name in summary["methods"]:
                 print(
