@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-COLLAPSE_FLOOR = 0.1  # collapse/std below this: (nearly) collapsed (docs/methods.md)
+COLLAPSE_FLOOR = 0.05  # collapse/std below this: (nearly) collapsed (docs/methods.md)
 
 
 def collapse_std(features: torch.Tensor) -> float:
