@@ -131,6 +131,9 @@ def test_momentum_objective_resumes_exactly(cifar_val_root, ema_run, tmp_path):
             assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
     logged = [json.loads(line) for line in RunDir(ema_run).metrics.read_text().splitlines()]
     assert all(line["collapse/std"] > 0 for line in logged)  # the collapse check is logged
+    for line in logged:  # the trainer moved the copies after each optimizer step (0-based k)
+        k = line["step"] - 1
+        assert line["momentum"] == pytest.approx(1 - 0.004 * (math.cos(math.pi * k / 4) + 1) / 2)
     # the momentum backbone is its own network, not the online one
     assert any(not torch.equal(a["backbone"][k], v) for k, v in a["backbone_ema"].items())
 
