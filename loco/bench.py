@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import platform
 import statistics
@@ -29,7 +28,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +35,7 @@ import torch.nn as nn
 import yaml
 
 from loco.bench_report import markdown as bench_markdown
+from loco.bench_report import write_report
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
@@ -555,11 +554,5 @@ def run(args: argparse.Namespace) -> int:
         "rows": [r.as_dict() for r in rows],
         "modules": list(profiles.values()),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    table = bench_markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_report(result, args.out, bench_markdown)
     return 0

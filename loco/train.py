@@ -27,7 +27,7 @@ from tqdm import tqdm
 from loco import checkpoint as ckpt
 from loco import resume
 from loco.config import Config, dump_yaml, load_config
-from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
+from loco.data.loaders import build_pretrain_loader, resumable_batches, steps_per_epoch
 from loco.distributed import (
     DistInfo,
     any_rank,
@@ -338,14 +338,6 @@ class Pretrainer:
         load_method_state(self.method, path, state)
 
     # -- loop -------------------------------------------------------------------------
-    def batches(self):
-        """(epoch, batch) pairs from the current step on, skipping what was already seen."""
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        while True:
-            set_loader_epoch(self.loader, epoch, skip)
-            yield from self.loader
-            epoch, skip = epoch + 1, 0
-
     def train_step(self, batch) -> dict[str, float]:
         views, labels, bad = batch
         if bad:
@@ -425,7 +417,7 @@ class Pretrainer:
         last_saved = self.step
         stopped: str | None = None
         with StopFlag() as stop:
-            for batch in self.batches():
+            for batch in resumable_batches(self.loader, self.step):
                 values = self.train_step(batch)
                 self.step += 1
                 bar.update(1)

@@ -15,20 +15,19 @@ model) for another backbone, e.g. ResNet-50 ``stages`` on 4 devices.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from loco.bench_report import write_report
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import build_method
@@ -306,13 +305,7 @@ def run(args: argparse.Namespace) -> int:
         "rows": rows,
         "flops_model": flops_prediction(args.flops_model, cfg, K) if args.flops_model else [],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_report(result, args.out, markdown)
     return 0
 
 

@@ -31,7 +31,7 @@ from loco import checkpoint as ckpt
 from loco import resume
 from loco import train as single
 from loco.config import Config, dump_yaml
-from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
+from loco.data.loaders import build_pretrain_loader, resumable_batches, steps_per_epoch
 from loco.distributed import any_rank, barrier, broadcast_parameters, init_distributed
 from loco.errors import LocoError
 from loco.methods import Method, build_method
@@ -222,13 +222,6 @@ class StagePretrainer:
         log.info("resumed from %s at step %d/%d", path, self.step, self.total_steps)
 
     # -- loop -------------------------------------------------------------------------
-    def batches(self):
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        while True:
-            set_loader_epoch(self.loader, epoch, skip)
-            yield from self.loader
-            epoch, skip = epoch + 1, 0
-
     def gather_values(self) -> dict[str, float]:
         """Replica 0's losses of every stage, on rank 0."""
         parts: list[Any] = [None] * self.layout.world if self.info.is_main else []
@@ -283,7 +276,7 @@ class StagePretrainer:
         stopped: str | None = None
         self.method.train()
         with StopFlag() as stop:
-            for views, labels, _bad in self.batches():
+            for views, labels, _bad in resumable_batches(self.loader, self.step):
                 views = [v.to(self.device, non_blocking=True) for v in views]
                 labels = labels.to(self.device, non_blocking=True)
                 with single.autocast_for(cfg, self.device):
