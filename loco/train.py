@@ -127,6 +127,20 @@ def leave_stopped(trainer: Any, stopped: str, last_saved: int, bar: tqdm) -> NoR
     raise SystemExit(143 if stopped == "SIGTERM" else 130)
 
 
+def take_run_lock(run_dir: Path, is_main: bool) -> RunLock | None:
+    """Rank 0 takes the run lock for the whole job (any trainer, any layout of ranks: one
+    lock per run dir); every rank learns the outcome, so all stop or all go on."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(RunDir(run_dir).lock).acquire()
+        except LocoError as exc:
+            error = exc
+    if any_rank(error is not None):
+        raise error or LocoError(f"run dir {run_dir} is in use (see rank 0's error)")
+    return lock
+
+
 def progress_bar(cfg: Config, total: int, initial: int, desc: str, is_main: bool) -> tqdm:
     """The pretraining progress bar (rank 0 only, ``train.progress``), on stderr."""
     return tqdm(
@@ -381,16 +395,7 @@ class Pretrainer:
                 self.lock = None
 
     def take_lock(self) -> RunLock | None:
-        """Rank 0 takes the run lock for the whole job; every rank learns the outcome."""
-        lock, error = None, None
-        if self.info.is_main:
-            try:
-                lock = RunLock(RunDir(self.run_dir).lock).acquire()
-            except LocoError as exc:
-                error = exc
-        if any_rank(error is not None):
-            raise error or LocoError(f"run dir {self.run_dir} is in use (see rank 0's error)")
-        return lock
+        return take_run_lock(self.run_dir, self.info.is_main)
 
     def _fit(self) -> Path:
         cfg = self.cfg
