@@ -10,6 +10,8 @@ sabotage cases drop a send or a feedback and check that the comparison then fail
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -256,10 +258,40 @@ def tiny_cfg(root, out, *extra) -> Config:
     )
 
 
-def _pretrain_worker(rank, port, overrides, stop_on, out) -> None:
+def _poison(rank: int, kind: str | None) -> None:
+    """Sabotage rank 1 (stage S2) in its first step: ``inf_grad`` puts an inf into one
+    gradient entry before the update (fp16 overflow); ``nan_weight`` a NaN into one weight
+    before the forward (a non-finite loss on that stage only)."""
+    from loco.parallel.stage import StageEngine
+
+    if rank != 1 or kind is None:
+        return
+    if kind == "inf_grad":
+        apply = StageEngine._apply
+
+        def _apply(self, t):
+            if t == 0:
+                self.params[0].grad.view(-1)[0] = float("inf")
+            apply(self, t)
+
+        StageEngine._apply = _apply
+    else:
+        feed = StageEngine.feed
+
+        def _feed(self, views, labels):
+            if self.fed == 0:
+                with torch.no_grad():
+                    self.params[0].view(-1)[0] = float("nan")
+            feed(self, views, labels)
+
+        StageEngine.feed = _feed
+
+
+def _pretrain_worker(rank, port, overrides, stop_on, out, poison=None) -> None:
     import os
 
     from loco import train
+    from loco.errors import LocoError
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -272,16 +304,19 @@ def _pretrain_worker(rank, port, overrides, stop_on, out) -> None:
     cfg = tiny_cfg(*overrides)
     if rank == stop_on:
         train.request_stop("test")  # as USR2 through loco.launch.job: stop after one step
+    _poison(rank, poison)
     try:
         train.pretrain(cfg)
         out[rank] = "done"
     except SystemExit as exc:
         out[rank] = f"exit {exc.code}"
+    except LocoError as exc:
+        out[rank] = f"error: {exc}"
     finally:
         dist.destroy_process_group()
 
 
-def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1) -> dict:
+def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1, poison=None) -> dict:
     from loco.distributed import free_port
 
     overrides = [
@@ -296,7 +331,8 @@ def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1) -> dict:
     ]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_pretrain_worker, args=(free_port(), overrides, stop_on, out), nprocs=2)
+        args = (free_port(), overrides, stop_on, out, poison)
+        mp.spawn(_pretrain_worker, args=args, nprocs=2)
         return dict(out)
 
 
@@ -338,6 +374,86 @@ def test_trainer_checkpoint_stop_and_exact_resume(cifar_val_root, tmp_path):
     assert ckpt.load(tmp_path / "full" / "checkpoint.pt")["step"] == 5
 
 
+@pytest.mark.distributed
+def test_trainer_holds_the_run_lock(cifar_val_root, tmp_path):
+    """Another run (here: this process) holds the run dir: both stage ranks stop in one line
+    before writing anything."""
+    from loco.rundir import RunDir
+    from loco.runlock import RunLock
+
+    run_dir = tmp_path / "run"
+    with RunLock(RunDir(run_dir).lock):
+        out = pretrain_2_ranks(cifar_val_root, run_dir)
+    assert set(out) == {0, 1}
+    for rank, result in out.items():
+        assert result.startswith("error: run dir") and "in use" in result, (rank, result)
+        assert "\n" not in result
+    assert not RunDir(run_dir).metrics.exists() and not (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.distributed
+def test_trainer_bf16_balanced_split_and_wandb(cifar_val_root, tmp_path, monkeypatch):
+    """bf16 autocast across 2 stages; ``balanced:2:flops`` cuts the same on both ranks and
+    stored in the checkpoint's meta; W&B (offline) gets the metrics."""
+    from loco import checkpoint as ckpt
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    extra = ["optim.max_steps=2", "model.split=balanced:2:flops", "train.precision=bf16"]
+    assert pretrain_2_ranks(cifar_val_root, run_dir, *extra, "train.wandb=true") == {
+        0: "done",
+        1: "done",
+    }
+    state = ckpt.load(run_dir / "checkpoint.pt")
+    cfg = tiny_cfg(cifar_val_root, run_dir, "method.name=loco", "model.split=balanced:2:flops")
+    want = build_backbone(cfg.model, cfg.data.image_size).cuts  # measured here, independently
+    assert state["meta"]["split_cuts"] == want and len(want) == 1
+    assert state["config"]["model"]["split"] == "balanced:2:flops"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss/s1"]) and math.isfinite(r["loss/s2"]), r
+        assert r["peak_mem_mb/s1"] > 0 and r["peak_mem_mb/s2"] > 0
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+@pytest.mark.distributed
+def test_trainer_fp16_overflow_on_one_stage_skips_the_step_on_both(cifar_val_root, tmp_path):
+    from loco import checkpoint as ckpt
+    from loco.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    extra = ["optim.max_steps=3", "train.ckpt_every=1", "train.keep_checkpoints=3"]
+    out = pretrain_2_ranks(
+        cifar_val_root, run_dir, *extra, "train.precision=fp16", poison="inf_grad"
+    )
+    assert out == {0: "done", 1: "done"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in rows]
+    assert scales[0] == 65536 / 2  # the inf on stage S2 halved the one scale
+    cfg = tiny_cfg(cifar_val_root, run_dir, "method.name=loco", "model.split=2")
+    torch.manual_seed(cfg.train.seed)
+    start = build_method(build_backbone(cfg.model, cfg.data.image_size), cfg).state_dict()
+    first = ckpt.load(RunDir(run_dir).step_checkpoint(1))
+    assert first["step"] == 1 and first["scaler"]["scale"] == scales[0]
+    trained = [n for n in start if n.endswith(".weight") and start[n].dtype.is_floating_point]
+    # S1 (not poisoned) skipped too: every weight of both stages is still the initial one
+    for name in trained:
+        assert torch.equal(first["method"][name], start[name]), name
+    last = ckpt.load(run_dir / "checkpoint.pt")
+    assert any(not torch.equal(last["method"][n], start[n]) for n in trained)
+
+
+@pytest.mark.distributed
+def test_trainer_non_finite_loss_on_one_stage_stops_every_rank(cifar_val_root, tmp_path):
+    out = pretrain_2_ranks(cifar_val_root, tmp_path / "run", poison="nan_weight")
+    for rank in (0, 1):
+        assert out[rank].startswith("error: non-finite loss at step 1 on rank(s) 1"), out[rank]
+
+
 @pytest.mark.parametrize(
     "stages, world, method, modules, message",
     [
@@ -368,6 +484,14 @@ def test_bad_config_fails_before_any_process_starts():
     cfg = load_config(None, ["method.name=loco", "train.stage_parallel=2"])
     with pytest.raises(LocoError, match="torchrun --nproc_per_node=2"):
         check_config(cfg, world=1)
+    for bad, message in [
+        (["train.precision=fp16", "train.stage_schedule=pipelined"], "precision=fp16"),
+        (["train.compile=true"], "train.compile"),
+    ]:
+        cfg = load_config(None, ["method.name=loco", "train.stage_parallel=2", *bad])
+        with pytest.raises(LocoError, match=message) as err:
+            check_config(cfg, world=2)
+        assert "\n" not in str(err.value)
     with pytest.raises(LocoError, match="does not divide"):
         stage_mapping("pretrain", 4, nodes=1, tasks_per_node=2)
     mapping = stage_mapping("pretrain", 2, nodes=2, tasks_per_node=2)
