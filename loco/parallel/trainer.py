@@ -342,11 +342,13 @@ class StagePretrainer:
         if self.info.is_main:  # after the resume check: a refused resume leaves it as it was
             RunDir(self.run_dir).config.write_text(dump_yaml(cfg))
         self.release_unowned()
+        units = self.method.backbone.groups[self.stage]
         log.info(
-            "rank %d: stage S%d of replica %d (%d parameters)",
+            "rank %d: stage S%d of replica %d: %s (%d parameters with its decoder)",
             self.rank,
             self.stage + 1,
             self.replica,
+            units[0].path if len(units) == 1 else f"{units[0].path} .. {units[-1].path}",
             sum(p.numel() for p in self.engine.params),
         )
         if self.step >= self.total_steps:
