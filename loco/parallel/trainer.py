@@ -65,7 +65,10 @@ def check_config(cfg: Config, world: int) -> StageLayout:
             "train.stage_parallel>1 set monitor.knn_every=0 and run loco eval on the checkpoint"
         )
     if cfg.model.sync_bn:
-        raise LocoError("model.sync_bn is not supported with train.stage_parallel>1")
+        raise LocoError(
+            "model.sync_bn is not supported with train.stage_parallel>1 yet (each stage's "
+            "replicas would sync over their stage group); set model.sync_bn=false"
+        )
     if cfg.train.precision == "fp16" and cfg.train.stage_schedule != "sync":
         raise LocoError(
             "train.precision=fp16 with train.stage_schedule=pipelined: the stages' updates of "
