@@ -46,7 +46,7 @@ from loco.methods import Method, build_method
 from loco.models.backbone import StagedBackbone, build_backbone
 from loco.monitor import OnlineProbe
 from loco.optim import build_optimizer, build_scheduler, scaled_lr
-from loco.parallel.layout import StageLayout, check_modules, check_request, make_groups
+from loco.parallel.layout import check_config, check_modules, check_request, make_groups
 from loco.parallel.schedule import placement_report
 from loco.parallel.stage import StageEngine, owned_state_names
 from loco.plans import parse_recompute_plan, parse_split
@@ -55,39 +55,6 @@ from loco.runlock import RunLock
 from loco.stop import StopFlag, request_stop
 
 log = logging.getLogger("loco.parallel")
-
-
-def check_config(cfg: Config, world: int) -> StageLayout:
-    """Everything that can be refused before a process builds data or a model."""
-    if cfg.monitor.knn_every > 0:
-        raise LocoError(
-            "monitor.knn_every>0 needs the whole backbone on one rank; with "
-            "train.stage_parallel>1 set monitor.knn_every=0 and run loco eval on the checkpoint"
-        )
-    if cfg.model.sync_bn:
-        raise LocoError(
-            "model.sync_bn is not supported with train.stage_parallel>1 yet (each stage's "
-            "replicas would sync over their stage group); set model.sync_bn=false"
-        )
-    if cfg.train.precision == "fp16" and cfg.train.stage_schedule != "sync":
-        raise LocoError(
-            "train.precision=fp16 with train.stage_schedule=pipelined: the stages' updates of "
-            "one step belong to different batches, so they cannot skip an overflow together; "
-            "use train.precision=bf16 or train.stage_schedule=sync"
-        )
-    if cfg.train.compile:
-        raise LocoError(
-            "train.compile=true is not supported with train.stage_parallel>1 yet (untested with "
-            "the pipelined weight stash); set train.compile=false"
-        )
-    if world == 1:
-        raise LocoError(
-            f"train.stage_parallel={cfg.train.stage_parallel} needs a multiple of "
-            f"{cfg.train.stage_parallel} processes; launch with torchrun "
-            f"--nproc_per_node={cfg.train.stage_parallel} -m loco pretrain ... or loco submit "
-            f"pretrain --stage-parallel {cfg.train.stage_parallel}"
-        )
-    return check_request(cfg.train.stage_parallel, world, cfg.method.name)
 
 
 class StagePretrainer:
