@@ -13,7 +13,13 @@ rate schedule, JSONL metrics, stop signals and checkpoint format. What differs:
   any K (or none) read it. Pipelined runs drain first, so the file is a consistent state;
 * resume follows :mod:`loco.resume` with the replicas as the world size: any K (or none)
   with the same number of replicas continues exactly (same global batch, data order, lr;
-  ``sync`` is the single-process step); a different number of replicas is refused.
+  ``sync`` is the single-process step); a different number of replicas is refused;
+* fp16 needs ``sync``: one ShardedGradScaler agrees on overflows over every rank, so all
+  stages keep one scale and skip a step together (``pipelined`` would mix batches in one
+  step: refused); a non-finite loss is seen after its stage stepped (the run stops and the
+  last checkpoint is kept).
+Everything else (run lock held by rank 0, metrics and W&B, stop signals, ``ckpt_every``,
+``keep_checkpoints``, ``resume=extend``/``weights:``) is the single-process trainer's.
 """
 
 from __future__ import annotations
