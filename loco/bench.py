@@ -24,7 +24,6 @@ import contextlib
 import logging
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +33,8 @@ import torch
 import torch.nn as nn
 import yaml
 
+from loco.bench_report import command_line, write_report
 from loco.bench_report import markdown as bench_markdown
-from loco.bench_report import write_report
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import METHODS, Method, build_method
@@ -538,9 +537,7 @@ def run(args: argparse.Namespace) -> int:
     base = baseline[0] if baseline else rows[0]
     add_ratios(rows, base)
     result = {
-        "command": "loco bench " + " ".join(sys.argv[2:])
-        if sys.argv[1:2] == ["bench"]
-        else " ".join(sys.argv),
+        "command": command_line(),
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "batch": args.batch,

@@ -5,11 +5,19 @@ per-module profile. Kept apart from the measurement so either can change alone."
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+
+
+def command_line() -> str:
+    """How this ``loco bench`` was invoked, for the JSON (as typed when run as ``loco``)."""
+    if sys.argv[1:2] == ["bench"]:
+        return "loco bench " + " ".join(sys.argv[2:])
+    return " ".join(sys.argv)
 
 
 def write_report(

@@ -258,33 +258,28 @@ def tiny_cfg(root, out, *extra) -> Config:
     )
 
 
-def _poison(rank: int, kind: str | None) -> None:
-    """Sabotage rank 1 (stage S2) in its first step: ``inf_grad`` puts an inf into one
-    gradient entry before the update (fp16 overflow); ``nan_weight`` a NaN into one weight
-    before the forward (a non-finite loss on that stage only)."""
+def _poison(rank: int, poison: dict[str, int] | None) -> None:
+    """Sabotage rank 1 (stage S2) at a given batch (0 = the first): ``inf_grad`` puts an inf
+    into one gradient entry before the update (an fp16 overflow); ``nan_weight`` a NaN into
+    one weight before the forward (a non-finite loss on that stage only)."""
     from loco.parallel.stage import StageEngine
 
-    if rank != 1 or kind is None:
+    if rank != 1 or not poison:
         return
-    if kind == "inf_grad":
-        apply = StageEngine._apply
+    apply, feed = StageEngine._apply, StageEngine.feed
 
-        def _apply(self, t):
-            if t == 0:
-                self.params[0].grad.view(-1)[0] = float("inf")
-            apply(self, t)
+    def _apply(self, t):
+        if t == poison.get("inf_grad"):
+            self.params[0].grad.view(-1)[0] = float("inf")
+        apply(self, t)
 
-        StageEngine._apply = _apply
-    else:
-        feed = StageEngine.feed
+    def _feed(self, views, labels):
+        if self.fed == poison.get("nan_weight"):
+            with torch.no_grad():
+                self.params[0].view(-1)[0] = float("nan")
+        feed(self, views, labels)
 
-        def _feed(self, views, labels):
-            if self.fed == 0:
-                with torch.no_grad():
-                    self.params[0].view(-1)[0] = float("nan")
-            feed(self, views, labels)
-
-        StageEngine.feed = _feed
+    StageEngine._apply, StageEngine.feed = _apply, _feed
 
 
 def _pretrain_worker(rank, port, overrides, stop_on, out, poison=None) -> None:
@@ -421,37 +416,34 @@ def test_trainer_bf16_balanced_split_and_wandb(cifar_val_root, tmp_path, monkeyp
 
 
 @pytest.mark.distributed
-def test_trainer_fp16_overflow_on_one_stage_skips_the_step_on_both(cifar_val_root, tmp_path):
+def test_trainer_fp16_overflow_skips_on_both_stages_and_a_nan_stops_both(cifar_val_root, tmp_path):
+    """fp16: an inf in stage S2's gradient (step 1) halves the one scale and skips the step
+    on S1 too; a NaN loss on S2 (step 4) stops both ranks, keeping the step-3 checkpoint."""
     from loco import checkpoint as ckpt
     from loco.rundir import RunDir
 
     run_dir = tmp_path / "run"
-    extra = ["optim.max_steps=3", "train.ckpt_every=1", "train.keep_checkpoints=3"]
-    out = pretrain_2_ranks(
-        cifar_val_root, run_dir, *extra, "train.precision=fp16", poison="inf_grad"
-    )
-    assert out == {0: "done", 1: "done"}
+    extra = ["optim.max_steps=5", "train.ckpt_every=1", "train.keep_checkpoints=5"]
+    poison = {"inf_grad": 0, "nan_weight": 3}
+    out = pretrain_2_ranks(cifar_val_root, run_dir, *extra, "train.precision=fp16", poison=poison)
+    for rank in (0, 1):  # S1's own loss is finite: it stops because S2's is not
+        assert out[rank].startswith("error: non-finite loss at step 4 on rank(s) 1"), out[rank]
+        assert "\n" not in out[rank]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    scales = [r["loss_scale"] for r in rows]
-    assert scales[0] == 65536 / 2  # the inf on stage S2 halved the one scale
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss_scale"] == 65536 / 2  # the inf on S2 halved the scale of both
     cfg = tiny_cfg(cifar_val_root, run_dir, "method.name=loco", "model.split=2")
     torch.manual_seed(cfg.train.seed)
     start = build_method(build_backbone(cfg.model, cfg.data.image_size), cfg).state_dict()
     first = ckpt.load(RunDir(run_dir).step_checkpoint(1))
-    assert first["step"] == 1 and first["scaler"]["scale"] == scales[0]
+    assert first["step"] == 1 and first["scaler"]["scale"] == rows[0]["loss_scale"]
     trained = [n for n in start if n.endswith(".weight") and start[n].dtype.is_floating_point]
     # S1 (not poisoned) skipped too: every weight of both stages is still the initial one
     for name in trained:
         assert torch.equal(first["method"][name], start[name]), name
     last = ckpt.load(run_dir / "checkpoint.pt")
+    assert last["step"] == 3  # the last good checkpoint is kept
     assert any(not torch.equal(last["method"][n], start[n]) for n in trained)
-
-
-@pytest.mark.distributed
-def test_trainer_non_finite_loss_on_one_stage_stops_every_rank(cifar_val_root, tmp_path):
-    out = pretrain_2_ranks(cifar_val_root, tmp_path / "run", poison="nan_weight")
-    for rank in (0, 1):
-        assert out[rank].startswith("error: non-finite loss at step 1 on rank(s) 1"), out[rank]
 
 
 @pytest.mark.parametrize(
@@ -554,3 +546,25 @@ def test_stage_bytes_add_up_to_the_whole_forward():
     assert all(r["head_saved_bytes"] > 0 and r["param_bytes"] > 0 for r in rows)
     doubled = stage_bytes(method, SIZE, images=4)
     assert [r["saved_bytes"] for r in doubled] == [2 * r["saved_bytes"] for r in rows]
+
+
+def test_bench_flops_model_only(tmp_path, capsys):
+    """``loco bench --stage-parallel K --steps 0 --flops-model ...``: no timing; greedy's
+    pipelined speed-up is 1 / the largest FLOP share (backward = 2 x forward everywhere)."""
+    from loco.cli import main
+
+    out = tmp_path / "stage.json"
+    argv = ["bench", "--stage-parallel", "2", "--steps", "0", "--batch", "4",
+            "--flops-model", "resnet18:32:balanced:2:flops", "--out", str(out),
+            "decoder.hidden_dim=32", "decoder.out_dim=16"]  # fmt: skip
+    assert main(argv) == 0
+    assert "FLOPs model" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["rows"] == []  # nothing timed
+    rows = {(r["method"], r["schedule"]): r for r in result["flops_model"]}
+    assert len(rows) == 4 and all(len(r["cuts"]) == 1 for r in rows.values())
+    greedy = rows["greedy", "pipelined"]
+    assert abs(sum(greedy["flop_shares_pct"]) - 100) < 0.2
+    assert greedy["predicted_speedup"] == pytest.approx(100 / max(greedy["flop_shares_pct"]), 0.01)
+    kept = [m["batches_kept"] for m in rows["loco", "pipelined"]["memory"]]
+    assert kept == [2, 1] and [m["batches_kept"] for m in rows["loco", "sync"]["memory"]] == [1, 1]

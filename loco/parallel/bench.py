@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loco.bench_report import write_report
+from loco.bench_report import command_line, write_report
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import build_method
@@ -329,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
             }
         rows.append(row)
     result = {
-        "command": "loco bench " + " ".join(sys.argv[2:]),
+        "command": command_line(),
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "split": cfg.model.split,
