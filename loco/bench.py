@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import yaml
 
+from loco.bench_report import command_line, write_report
 from loco.bench_report import markdown as bench_markdown
 from loco.config import Config, load_config
 from loco.errors import LocoError
@@ -583,9 +581,7 @@ def run(args: argparse.Namespace) -> int:
     base = baseline[0] if baseline else rows[0]
     add_ratios(rows, base)
     result = {
-        "command": "loco bench " + " ".join(sys.argv[2:])
-        if sys.argv[1:2] == ["bench"]
-        else " ".join(sys.argv),
+        "command": command_line(),
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "batch": args.batch,
@@ -608,11 +604,5 @@ def run(args: argparse.Namespace) -> int:
         "rows": [r.as_dict() for r in rows],
         "modules": list(profiles.values()),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    table = bench_markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_report(result, args.out, bench_markdown)
     return 0

@@ -4,9 +4,34 @@ per-module profile. Kept apart from the measurement so either can change alone."
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+
+
+def command_line() -> str:
+    """How this ``loco bench`` was invoked, for the JSON (as typed when run as ``loco``)."""
+    if sys.argv[1:2] == ["bench"]:
+        return "loco bench " + " ".join(sys.argv[2:])
+    return " ".join(sys.argv)
+
+
+def write_report(
+    result: dict[str, Any], out: str | Path, render: Callable[[dict[str, Any]], str]
+) -> None:
+    """Every ``loco bench`` mode's tail: the JSON at ``out``, its markdown (``render``) next
+    to it as .md, and the markdown on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    table = render(result)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
 
 
 def markdown(result: dict[str, Any]) -> str:

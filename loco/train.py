@@ -28,7 +28,7 @@ from tqdm import tqdm
 from loco import checkpoint as ckpt
 from loco import resume
 from loco.config import Config, dump_yaml, load_config
-from loco.data.loaders import build_pretrain_loader, set_loader_epoch, steps_per_epoch
+from loco.data.loaders import build_pretrain_loader, resumable_batches, steps_per_epoch
 from loco.distributed import (
     DistInfo,
     any_rank,
@@ -131,6 +131,20 @@ def leave_stopped(trainer: Any, stopped: str, last_saved: int, bar: tqdm) -> NoR
     log.warning("stopped by %s at step %d; resume with train.resume=auto", stopped, trainer.step)
     trainer.metrics.close()
     raise SystemExit(143 if stopped == "SIGTERM" else 130)
+
+
+def take_run_lock(run_dir: Path, is_main: bool) -> RunLock | None:
+    """Rank 0 takes the run lock for the whole job (any trainer, any layout of ranks: one
+    lock per run dir); every rank learns the outcome, so all stop or all go on."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(RunDir(run_dir).lock).acquire()
+        except LocoError as exc:
+            error = exc
+    if any_rank(error is not None):
+        raise error or LocoError(f"run dir {run_dir} is in use (see rank 0's error)")
+    return lock
 
 
 def progress_bar(cfg: Config, total: int, initial: int, desc: str, is_main: bool) -> tqdm:
@@ -352,14 +366,6 @@ class Pretrainer:
         load_method_state(self.method, path, state)
 
     # -- loop -------------------------------------------------------------------------
-    def batches(self):
-        """(epoch, batch) pairs from the current step on, skipping what was already seen."""
-        epoch, skip = divmod(self.step, self.steps_per_epoch)
-        while True:
-            set_loader_epoch(self.loader, epoch, skip)
-            yield from self.loader
-            epoch, skip = epoch + 1, 0
-
     def train_step(self, batch) -> dict[str, float]:
         views, labels, bad = batch
         if bad:
@@ -407,16 +413,7 @@ class Pretrainer:
                 self.lock = None
 
     def take_lock(self) -> RunLock | None:
-        """Rank 0 takes the run lock for the whole job; every rank learns the outcome."""
-        lock, error = None, None
-        if self.info.is_main:
-            try:
-                lock = RunLock(RunDir(self.run_dir).lock).acquire()
-            except LocoError as exc:
-                error = exc
-        if any_rank(error is not None):
-            raise error or LocoError(f"run dir {self.run_dir} is in use (see rank 0's error)")
-        return lock
+        return take_run_lock(self.run_dir, self.info.is_main)
 
     def _fit(self) -> Path:
         cfg = self.cfg
@@ -443,7 +440,7 @@ class Pretrainer:
         last_saved = self.step
         stopped: str | None = None
         with StopFlag() as stop:
-            for batch in self.batches():
+            for batch in resumable_batches(self.loader, self.step):
                 values = self.train_step(batch)
                 self.step += 1
                 bar.update(1)

@@ -191,6 +191,20 @@ def test_dry_run_stage_parallel_batch_is_per_replica(tmp_path, capsys):
     assert "global batch 512" not in text
 
 
+def test_stage_parallel_refusals_come_before_queueing(tmp_path, capsys):
+    """What the stage-parallel trainer refuses at start (here the ImageNet config's kNN
+    monitor and SyncBN) is refused by submit, even in a dry run, in one line."""
+    argv = ["submit", "pretrain", "--config", "configs/imagenet_resnet50_loco_100ep.yaml",
+            "--nodes", "1", "--gpus-per-node", "4", "--stage-parallel", "4", "--dry-run",
+            f"train.output_dir={tmp_path / 'sp'}"]  # fmt: skip
+    fixes = ["monitor.knn_every=0", "model.sync_bn=false"]
+    for n, fix in enumerate(fixes):  # its kNN monitor, then its SyncBN
+        assert main([*argv, *fixes[:n]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and fix in err and "\n" not in err
+    assert main([*argv, *fixes]) == 0
+
+
 def fake_checkpoint(path: Path) -> Path:
     """A checkpoint whose header reads (a config, no weights): what the submit checks."""
     path.parent.mkdir(parents=True, exist_ok=True)

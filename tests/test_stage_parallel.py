@@ -10,6 +10,8 @@ sabotage cases drop a send or a feedback and check that the comparison then fail
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -256,10 +258,35 @@ def tiny_cfg(root, out, *extra) -> Config:
     )
 
 
-def _pretrain_worker(rank, port, overrides, stop_on, out) -> None:
+def _poison(rank: int, poison: dict[str, int] | None) -> None:
+    """Sabotage rank 1 (stage S2) at a given batch (0 = the first): ``inf_grad`` puts an inf
+    into one gradient entry before the update (an fp16 overflow); ``nan_weight`` a NaN into
+    one weight before the forward (a non-finite loss on that stage only)."""
+    from loco.parallel.stage import StageEngine
+
+    if rank != 1 or not poison:
+        return
+    apply, feed = StageEngine._apply, StageEngine.feed
+
+    def _apply(self, t):
+        if t == poison.get("inf_grad"):
+            self.params[0].grad.view(-1)[0] = float("inf")
+        apply(self, t)
+
+    def _feed(self, views, labels):
+        if self.fed == poison.get("nan_weight"):
+            with torch.no_grad():
+                self.params[0].view(-1)[0] = float("nan")
+        feed(self, views, labels)
+
+    StageEngine._apply, StageEngine.feed = _apply, _feed
+
+
+def _pretrain_worker(rank, port, overrides, stop_on, out, poison=None) -> None:
     import os
 
     from loco import train
+    from loco.errors import LocoError
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -272,16 +299,19 @@ def _pretrain_worker(rank, port, overrides, stop_on, out) -> None:
     cfg = tiny_cfg(*overrides)
     if rank == stop_on:
         train.request_stop("test")  # as USR2 through loco.launch.job: stop after one step
+    _poison(rank, poison)
     try:
         train.pretrain(cfg)
         out[rank] = "done"
     except SystemExit as exc:
         out[rank] = f"exit {exc.code}"
+    except LocoError as exc:
+        out[rank] = f"error: {exc}"
     finally:
         dist.destroy_process_group()
 
 
-def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1) -> dict:
+def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1, poison=None) -> dict:
     from loco.distributed import free_port
 
     overrides = [
@@ -296,7 +326,8 @@ def pretrain_2_ranks(root, run_dir, *extra, stop_on=-1) -> dict:
     ]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_pretrain_worker, args=(free_port(), overrides, stop_on, out), nprocs=2)
+        args = (free_port(), overrides, stop_on, out, poison)
+        mp.spawn(_pretrain_worker, args=args, nprocs=2)
         return dict(out)
 
 
@@ -338,6 +369,83 @@ def test_trainer_checkpoint_stop_and_exact_resume(cifar_val_root, tmp_path):
     assert ckpt.load(tmp_path / "full" / "checkpoint.pt")["step"] == 5
 
 
+@pytest.mark.distributed
+def test_trainer_holds_the_run_lock(cifar_val_root, tmp_path):
+    """Another run (here: this process) holds the run dir: both stage ranks stop in one line
+    before writing anything."""
+    from loco.rundir import RunDir
+    from loco.runlock import RunLock
+
+    run_dir = tmp_path / "run"
+    with RunLock(RunDir(run_dir).lock):
+        out = pretrain_2_ranks(cifar_val_root, run_dir)
+    assert set(out) == {0, 1}
+    for rank, result in out.items():
+        assert result.startswith("error: run dir") and "in use" in result, (rank, result)
+        assert "\n" not in result
+    assert not RunDir(run_dir).metrics.exists() and not (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.distributed
+def test_trainer_bf16_balanced_split_and_wandb(cifar_val_root, tmp_path, monkeypatch):
+    """bf16 autocast across 2 stages; ``balanced:2:flops`` cuts the same on both ranks and
+    stored in the checkpoint's meta; W&B (offline) gets the metrics."""
+    from loco import checkpoint as ckpt
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    extra = ["optim.max_steps=2", "model.split=balanced:2:flops", "train.precision=bf16"]
+    assert pretrain_2_ranks(cifar_val_root, run_dir, *extra, "train.wandb=true") == {
+        0: "done",
+        1: "done",
+    }
+    state = ckpt.load(run_dir / "checkpoint.pt")
+    cfg = tiny_cfg(cifar_val_root, run_dir, "method.name=loco", "model.split=balanced:2:flops")
+    want = build_backbone(cfg.model, cfg.data.image_size).cuts  # measured here, independently
+    assert state["meta"]["split_cuts"] == want and len(want) == 1
+    assert state["config"]["model"]["split"] == "balanced:2:flops"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss/s1"]) and math.isfinite(r["loss/s2"]), r
+        assert r["peak_mem_mb/s1"] > 0 and r["peak_mem_mb/s2"] > 0
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+@pytest.mark.distributed
+def test_trainer_fp16_overflow_skips_on_both_stages_and_a_nan_stops_both(cifar_val_root, tmp_path):
+    """fp16: an inf in stage S2's gradient (step 1) halves the one scale and skips the step
+    on S1 too; a NaN loss on S2 (step 4) stops both ranks, keeping the step-3 checkpoint."""
+    from loco import checkpoint as ckpt
+    from loco.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    extra = ["optim.max_steps=5", "train.ckpt_every=1", "train.keep_checkpoints=5"]
+    poison = {"inf_grad": 0, "nan_weight": 3}
+    out = pretrain_2_ranks(cifar_val_root, run_dir, *extra, "train.precision=fp16", poison=poison)
+    for rank in (0, 1):  # S1's own loss is finite: it stops because S2's is not
+        assert out[rank].startswith("error: non-finite loss at step 4 on rank(s) 1"), out[rank]
+        assert "\n" not in out[rank]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss_scale"] == 65536 / 2  # the inf on S2 halved the scale of both
+    cfg = tiny_cfg(cifar_val_root, run_dir, "method.name=loco", "model.split=2")
+    torch.manual_seed(cfg.train.seed)
+    start = build_method(build_backbone(cfg.model, cfg.data.image_size), cfg).state_dict()
+    first = ckpt.load(RunDir(run_dir).step_checkpoint(1))
+    assert first["step"] == 1 and first["scaler"]["scale"] == rows[0]["loss_scale"]
+    trained = [n for n in start if n.endswith(".weight") and start[n].dtype.is_floating_point]
+    # S1 (not poisoned) skipped too: every weight of both stages is still the initial one
+    for name in trained:
+        assert torch.equal(first["method"][name], start[name]), name
+    last = ckpt.load(run_dir / "checkpoint.pt")
+    assert last["step"] == 3  # the last good checkpoint is kept
+    assert any(not torch.equal(last["method"][n], start[n]) for n in trained)
+
+
 @pytest.mark.parametrize(
     "stages, world, method, modules, message",
     [
@@ -368,6 +476,14 @@ def test_bad_config_fails_before_any_process_starts():
     cfg = load_config(None, ["method.name=loco", "train.stage_parallel=2"])
     with pytest.raises(LocoError, match="torchrun --nproc_per_node=2"):
         check_config(cfg, world=1)
+    for bad, message in [
+        (["train.precision=fp16", "train.stage_schedule=pipelined"], "precision=fp16"),
+        (["train.compile=true"], "train.compile"),
+    ]:
+        cfg = load_config(None, ["method.name=loco", "train.stage_parallel=2", *bad])
+        with pytest.raises(LocoError, match=message) as err:
+            check_config(cfg, world=2)
+        assert "\n" not in str(err.value)
     with pytest.raises(LocoError, match="does not divide"):
         stage_mapping("pretrain", 4, nodes=1, tasks_per_node=2)
     mapping = stage_mapping("pretrain", 2, nodes=2, tasks_per_node=2)
@@ -388,3 +504,67 @@ def test_schedule_model_on_hand_computed_costs():
     assert predict(loco, True, "sync", bandwidth=1)["step_s"] == pytest.approx(8.5 + 2)
     # pipelined: both start at 0; feedback ready at 5.5, arrives at 6.5
     assert predict(loco, True, "pipelined", bandwidth=1)["step_s"] == pytest.approx(6.5 + 2)
+
+
+def test_memory_model_per_stage():
+    from loco.parallel.schedule import StageCost, memory
+
+    mib = 2**20
+    costs = [StageCost(1, 0, 0, 2, 0, saved_bytes=10 * mib, param_bytes=mib, head_saved_bytes=mib)]
+    costs += [StageCost(1, 0, 0, 2, 0, saved_bytes=4 * mib, param_bytes=3 * mib) for _ in range(2)]
+    sync = memory(costs, True, "sync", opt_slots=1, input_bytes=5 * mib)
+    # weights: params + grads + 1 momentum; activations: saved (+ the decoder's on S1)
+    assert [m["total_bytes"] // mib for m in sync] == [3 + 11, 9 + 4, 9 + 4]
+    piped = memory(costs, True, "pipelined", opt_slots=2, input_bytes=5 * mib)
+    # below the top: two batches' graphs and a stash of the weights; stage k queues k inputs
+    assert [m["batches_kept"] for m in piped] == [2, 2, 1]
+    assert [m["queued_batches"] for m in piped] == [0, 1, 2]
+    assert [m["total_bytes"] // mib for m in piped] == [5 + 21, 15 + 8 + 5, 12 + 4 + 10]
+    greedy = memory(costs, False, "pipelined", opt_slots=1)
+    assert [m["batches_kept"] for m in greedy] == [1, 1, 1]
+
+
+def test_stage_bytes_add_up_to_the_whole_forward():
+    """Each stage's saved bytes (its module run on a detached input) add up to what one
+    forward of the whole backbone saves, counted independently, plus the boundary tensor
+    that each side of a cut keeps; they scale with the batch."""
+    from loco.parallel.schedule import stage_bytes
+    from loco.profiling import SavedTensorTracker
+
+    cfg = make_cfg("greedy", 2)
+    torch.manual_seed(0)
+    method = build_method(build_backbone(cfg.model, SIZE), cfg).train()
+    rows = stage_bytes(method, SIZE, images=2)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with SavedTensorTracker([*method.parameters(), *method.buffers()]) as whole:
+        outs = method.backbone(x)  # kept: its graph holds what was saved
+        want = whole.live
+    del outs
+    # the boundary: S1's last op and S2's first both save it; on two devices it is held twice
+    assert sum(r["saved_bytes"] for r in rows) == want + rows[0]["out_bytes"]
+    assert want > 0
+    assert all(r["head_saved_bytes"] > 0 and r["param_bytes"] > 0 for r in rows)
+    doubled = stage_bytes(method, SIZE, images=4)
+    assert [r["saved_bytes"] for r in doubled] == [2 * r["saved_bytes"] for r in rows]
+
+
+def test_bench_flops_model_only(tmp_path, capsys):
+    """``loco bench --stage-parallel K --steps 0 --flops-model ...``: no timing; greedy's
+    pipelined speed-up is 1 / the largest FLOP share (backward = 2 x forward everywhere)."""
+    from loco.cli import main
+
+    out = tmp_path / "stage.json"
+    argv = ["bench", "--stage-parallel", "2", "--steps", "0", "--batch", "4",
+            "--flops-model", "resnet18:32:balanced:2:flops", "--out", str(out),
+            "decoder.hidden_dim=32", "decoder.out_dim=16"]  # fmt: skip
+    assert main(argv) == 0
+    assert "FLOPs model" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["rows"] == []  # nothing timed
+    rows = {(r["method"], r["schedule"]): r for r in result["flops_model"]}
+    assert len(rows) == 4 and all(len(r["cuts"]) == 1 for r in rows.values())
+    greedy = rows["greedy", "pipelined"]
+    assert abs(sum(greedy["flop_shares_pct"]) - 100) < 0.2
+    assert greedy["predicted_speedup"] == pytest.approx(100 / max(greedy["flop_shares_pct"]), 0.01)
+    kept = [m["batches_kept"] for m in rows["loco", "pipelined"]["memory"]]
+    assert kept == [2, 1] and [m["batches_kept"] for m in rows["loco", "sync"]["memory"]] == [1, 1]

@@ -109,6 +109,16 @@ def steps_per_epoch(loader: DataLoader | TensorPipelineLoader) -> int:
     return loader.sampler.num_samples // loader.batch_size
 
 
+def resumable_batches(loader: DataLoader | TensorPipelineLoader, start_step: int) -> Iterator[Any]:
+    """The loader's batches from global step ``start_step`` on, epoch after epoch, skipping
+    what a resumed run already saw (both trainers' loop: one order for any resume point)."""
+    epoch, skip = divmod(start_step, steps_per_epoch(loader))
+    while True:
+        set_loader_epoch(loader, epoch, skip)
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
 def _pin(cfg: Config) -> bool:
     return cfg.train.device != "cpu" and torch.cuda.is_available()
 

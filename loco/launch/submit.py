@@ -629,6 +629,12 @@ def run(args: argparse.Namespace) -> int:
     job_name = opts.job_name or f"loco-{args.job}-{base.name}"[:64]
     folder = Path(opts.folder).expanduser().resolve() if opts.folder else RunDir(base).slurm / "%j"
     check_job(args.job, tasks, opts.nodes * opts.tasks())
+    if stages:  # what the stage-parallel trainer would refuse at start, refused before queueing
+        from loco.config import config_from_dict
+        from loco.parallel.layout import check_config
+
+        for t in (t for t in tasks if t.config is not None):
+            check_config(config_from_dict(t.config), opts.nodes * opts.tasks())
     check_cluster(opts)
     params = sbatch_parameters(opts, job_name, array)
     executor = make_executor(folder, opts, params, render_only=args.dry_run)

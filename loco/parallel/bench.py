@@ -15,20 +15,18 @@ model) for another backbone, e.g. ResNet-50 ``stages`` on 4 devices.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from loco.bench_report import command_line, write_report
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.methods import build_method
@@ -41,6 +39,7 @@ from loco.parallel.schedule import (
     memory,
     module_and_head_flops,
     predict,
+    stage_bytes,
 )
 from loco.parallel.stage import StageEngine
 from loco.profiling import SavedTensorTracker
@@ -58,9 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--flops-model",
-        default="",
+        action="append",
+        default=[],
         metavar="BACKBONE:SIZE:SPLIT",
-        help="also predict from FLOPs (GPU-like cost model), e.g. resnet50:224:stages",
+        help="also predict speed-up and per-device memory from FLOPs (GPU-like cost model) "
+        "for another model, e.g. resnet50:224:stages, resnet50:224:balanced:4:flops or "
+        "presnet50:224:stages (repeatable); with --steps 0 only these (no timing)",
     )
 
 
@@ -205,21 +207,34 @@ def time_ranks(cfg: Config, seed: int, batch: int, steps: int, K: int, threads: 
     }
 
 
-def flops_prediction(spec: str, cfg: Config, K: int) -> list[dict]:
+def _opt_slots(cfg: Config) -> int:
+    """Optimizer tensors per parameter: AdamW keeps two moments, SGD and LARS one momentum."""
+    return 2 if "adam" in cfg.optim.name else 1
+
+
+def flops_prediction(spec: str, cfg: Config, images: int) -> list[dict]:
+    """Predicted speed-up of greedy and loco, both schedules, from FLOPs (``spec``:
+    BACKBONE:SIZE:SPLIT, the split as ``model.split`` takes it), and per-device memory at
+    ``images`` x 2 views per replica, fp32."""
     try:
-        backbone, size, split = spec.split(":")
+        backbone, size, split = spec.split(":", 2)
         size_i = int(size)
     except ValueError:
         raise LocoError(
-            f"--flops-model {spec!r}: use BACKBONE:SIZE:SPLIT, e.g. resnet50:224:stages"
+            f"--flops-model {spec!r}: use BACKBONE:SIZE:SPLIT, e.g. resnet50:224:stages or "
+            "resnet50:224:balanced:4:flops"
         ) from None
     model_cfg = Config()
-    model_cfg.model.backbone, model_cfg.model.split = (
-        backbone,
-        int(split) if split.isdigit() else split,
-    )
+    model_cfg.model.backbone = backbone
+    model_cfg.model.split = int(split) if split.isdigit() else split
+    if split.startswith("["):
+        import yaml
+
+        model_cfg.model.split = yaml.safe_load(split)
     model_cfg.data.image_size = size_i
     model_cfg.decoder = cfg.decoder
+    model_cfg.optim = cfg.optim
+    input_bytes = 2 * images * 3 * size_i * size_i * 4
     rows = []
     for name in ("greedy", "loco"):
         model_cfg.method.name = name
@@ -227,6 +242,9 @@ def flops_prediction(spec: str, cfg: Config, K: int) -> list[dict]:
         method = build_method(build_backbone(model_cfg.model, size_i), model_cfg)
         mods, heads = module_and_head_flops(method, size_i)
         costs = flop_costs([float(m) for m in mods], [float(h) for h in heads], name == "loco")
+        for c, b in zip(costs, stage_bytes(method, size_i, images), strict=True):
+            c.saved_bytes, c.head_saved_bytes = b["saved_bytes"], b["head_saved_bytes"]
+            c.out_bytes, c.param_bytes = b["out_bytes"], b["param_bytes"]
         total = sum(mods) + sum(heads)
         shares = [round(100 * (m + h) / total, 1) for m, h in zip(mods, heads, strict=True)]
         for schedule in ("sync", "pipelined"):
@@ -236,11 +254,17 @@ def flops_prediction(spec: str, cfg: Config, K: int) -> list[dict]:
                     "backbone": backbone,
                     "image_size": size_i,
                     "split": split,
+                    "cuts": method.backbone.cuts,
                     "devices": len(costs),
                     "method": name,
                     "schedule": schedule,
                     "flop_shares_pct": shares,
                     "predicted_speedup": round(p["speedup"], 2),
+                    "bottleneck_stage": p["bottleneck_stage"],
+                    "images_per_replica": images,
+                    "memory": memory(
+                        costs, name == "loco", schedule, _opt_slots(model_cfg), input_bytes
+                    ),
                 }
             )
     return rows
@@ -262,6 +286,10 @@ def run(args: argparse.Namespace) -> int:
     names = [m for m in args.methods.split(",") if m in ("greedy", "loco", "infopro")]
     if not names:
         raise LocoError("--stage-parallel needs --methods with greedy, loco or infopro")
+    if args.steps == 0:  # the FLOPs model only: nothing timed
+        if not args.flops_model:
+            raise LocoError("--stage-parallel with --steps 0 times nothing: add --flops-model")
+        names = []
     rows = []
     for name in names:
         cfg.method.name = name
@@ -290,11 +318,17 @@ def run(args: argparse.Namespace) -> int:
                 "speedup_vs_Kthreads": round(seqK / ranks[f"{schedule}_s"], 3),
                 "predicted_speedup": round(pred["speedup"], 3),
                 "predicted_vs_measured": round(pred["speedup"] / measured - 1, 3),
-                "memory": memory(costs, feedback, schedule),
+                "memory": memory(
+                    costs,
+                    feedback,
+                    schedule,
+                    _opt_slots(cfg),
+                    2 * args.batch * 3 * cfg.data.image_size**2 * 4,
+                ),
             }
         rows.append(row)
     result = {
-        "command": "loco bench " + " ".join(sys.argv[2:]),
+        "command": command_line(),
         "backbone": cfg.model.backbone,
         "image_size": cfg.data.image_size,
         "split": cfg.model.split,
@@ -304,19 +338,57 @@ def run(args: argparse.Namespace) -> int:
         "load": os.getloadavg(),
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "rows": rows,
-        "flops_model": flops_prediction(args.flops_model, cfg, K) if args.flops_model else [],
+        "flops_model": [
+            row for spec in args.flops_model for row in flops_prediction(spec, cfg, args.batch)
+        ],
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    write_report(result, args.out, markdown)
     return 0
 
 
 def markdown(result: dict) -> str:
+    lines = _measured_markdown(result) if result["rows"] else []
+    if result["flops_model"]:
+        lines += [
+            "",
+            "FLOPs model (GPU-like cost model: time = FLOPs, backward = 2 x forward; "
+            "communication free):",
+            "",
+            "| backbone | split (cuts) | devices | FLOP shares % | method | schedule | "
+            "predicted speed-up |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["flops_model"]:
+            lines.append(
+                f"| {r['backbone']} @ {r['image_size']} | {r['split']} {r['cuts']} | "
+                f"{r['devices']} | {'/'.join(str(s) for s in r['flop_shares_pct'])} | "
+                f"{r['method']} | {r['schedule']} | {r['predicted_speedup']:.2f}x |"
+            )
+        lines += [
+            "",
+            "Per-device memory, MiB, fp32, {} images x 2 views per replica: weights + grads + "
+            "optimizer state | saved activations (batches kept) | queued input images:".format(
+                result["flops_model"][0]["images_per_replica"]
+            ),
+            "",
+        ]
+        for r in result["flops_model"]:
+            cells = "; ".join(_memory_cell(m) for m in r["memory"])
+            lines.append(f"* {r['backbone']} {r['split']}, {r['method']} {r['schedule']}: {cells}")
+    return "\n".join(lines).strip("\n")
+
+
+def _memory_cell(m: dict) -> str:
+    cell = (
+        f"S{m['stage']} {m['weights_bytes'] / 2**20:.0f} | "
+        f"{m['activation_bytes'] / 2**20:.0f} ({m['batches_kept']})"
+    )
+    if m.get("queued_batches"):
+        cell += f" | {m['queued_bytes'] / 2**20:.0f} ({m['queued_batches']})"
+    return cell
+
+
+def _measured_markdown(result: dict) -> list[str]:
     t = result["threads_per_rank"]
     K = result["stages"]
     lines = [
@@ -348,21 +420,6 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         for s in ("sync", "pipelined"):
-            cells = ", ".join(
-                f"S{m['stage']} {m['weights_bytes'] / 2**20:.1f} + {m['activation_bytes'] / 2**20:.1f} MiB"
-                for m in r[s]["memory"]
-            )
+            cells = "; ".join(_memory_cell(m) for m in r[s]["memory"])
             lines.append(f"* {r['method']} {s}: {cells}")
-    if result["flops_model"]:
-        lines += [
-            "",
-            "| backbone | split | devices | FLOP shares % | method | schedule | predicted speed-up |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in result["flops_model"]:
-            lines.append(
-                f"| {r['backbone']} @ {r['image_size']} | {r['split']} | {r['devices']} | "
-                f"{'/'.join(str(s) for s in r['flop_shares_pct'])} | {r['method']} | {r['schedule']} | "
-                f"{r['predicted_speedup']:.2f}x |"
-            )
-    return "\n".join(lines)
+    return lines

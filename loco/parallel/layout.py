@@ -9,10 +9,14 @@ Every check here runs before any process starts work, so bad input fails in one 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from loco.errors import LocoError
+
+if TYPE_CHECKING:
+    from loco.config import Config
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,40 @@ def check_modules(param_counts: list[int]) -> None:
             "small for a stage of their own: choose cut points in model.split that give every "
             "module at least one block"
         )
+
+
+def check_config(cfg: Config, world: int) -> StageLayout:
+    """Everything about ``train.stage_parallel`` that can be refused before a process builds
+    data or a model (the trainer at start, ``loco submit`` before queueing)."""
+    if cfg.monitor.knn_every > 0:
+        raise LocoError(
+            "monitor.knn_every>0 needs the whole backbone on one rank; with "
+            "train.stage_parallel>1 set monitor.knn_every=0 and run loco eval on the checkpoint"
+        )
+    if cfg.model.sync_bn:
+        raise LocoError(
+            "model.sync_bn is not supported with train.stage_parallel>1 yet (each stage's "
+            "replicas would sync over their stage group); set model.sync_bn=false"
+        )
+    if cfg.train.precision == "fp16" and cfg.train.stage_schedule != "sync":
+        raise LocoError(
+            "train.precision=fp16 with train.stage_schedule=pipelined: the stages' updates of "
+            "one step belong to different batches, so they cannot skip an overflow together; "
+            "use train.precision=bf16 or train.stage_schedule=sync"
+        )
+    if cfg.train.compile:
+        raise LocoError(
+            "train.compile=true is not supported with train.stage_parallel>1 yet (untested with "
+            "the pipelined weight stash); set train.compile=false"
+        )
+    if world == 1:
+        raise LocoError(
+            f"train.stage_parallel={cfg.train.stage_parallel} needs a multiple of "
+            f"{cfg.train.stage_parallel} processes; launch with torchrun "
+            f"--nproc_per_node={cfg.train.stage_parallel} -m loco pretrain ... or loco submit "
+            f"pretrain --stage-parallel {cfg.train.stage_parallel}"
+        )
+    return check_request(cfg.train.stage_parallel, world, cfg.method.name)
 
 
 @dataclass

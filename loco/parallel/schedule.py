@@ -36,8 +36,9 @@ class StageCost:
     input_grad: float  # X: loco's feedback pass (0 on stage 0 and for greedy/infopro)
     weight_grad: float  # W: the module's weight gradients (the top's one pass does X and W)
     out_bytes: int  # the activation sent up (= the cotangent that comes back down)
-    saved_bytes: int = 0  # activations one batch keeps for the backward
-    param_bytes: int = 0
+    saved_bytes: int = 0  # activations one batch's module forward keeps for the backward
+    param_bytes: int = 0  # the stage's weights (module, and its decoder where measured)
+    head_saved_bytes: int = 0  # the decoder + loss forward's, alive only during its backward
 
     @property
     def total(self) -> float:
@@ -87,20 +88,40 @@ def predict(
     }
 
 
-def memory(costs: list[StageCost], feedback: bool, schedule: str, opt_slots: int = 1) -> list[dict]:
-    """Bytes per device: weights + gradients + optimizer state, and saved activations
-    (pipelined loco keeps two batches' graphs and a stash of the weights below the top)."""
+def memory(
+    costs: list[StageCost],
+    feedback: bool,
+    schedule: str,
+    opt_slots: int = 1,
+    input_bytes: int = 0,
+) -> list[dict]:
+    """Bytes per device (stage k), at its peak within a step:
+
+    * weights: parameters + gradients + ``opt_slots`` optimizer tensors per parameter
+      (SGD/LARS momentum 1, AdamW 2); pipelined loco below the top adds one stashed copy of
+      the module's weights (the batch whose update waits for feedback ran with them);
+    * activations: what the module's forward saves, for ``batches_kept`` batches (pipelined
+      loco below the top: 2, the batch waiting for its feedback and the one running), plus
+      the decoder + loss forward of the batch being run;
+    * queued inputs: pipelined, stage k holds the images of the k batches fed but not yet
+      due there (``input_bytes`` each; only infopro and the probe read them above stage 0).
+    """
     out = []
     for k, c in enumerate(costs):
         deferred = schedule == "pipelined" and feedback and k < len(costs) - 1
         graphs = 2 if deferred else 1
+        queued = k if schedule == "pipelined" else 0
         weights = c.param_bytes * (2 + opt_slots + (1 if deferred else 0))
+        activations = graphs * c.saved_bytes + c.head_saved_bytes
         out.append(
             {
                 "stage": k + 1,
                 "weights_bytes": weights,
-                "activation_bytes": graphs * c.saved_bytes,
-                "total_bytes": weights + graphs * c.saved_bytes,
+                "activation_bytes": activations,
+                "batches_kept": graphs,
+                "queued_batches": queued,
+                "queued_bytes": queued * input_bytes,
+                "total_bytes": weights + activations + queued * input_bytes,
             }
         )
     return out
@@ -136,6 +157,63 @@ def module_and_head_flops(method: Method, image_size: int) -> tuple[list[int], l
         return mods, heads
     finally:
         method.train(was)
+
+
+def stage_bytes(method: Method, image_size: int, images: int) -> list[dict[str, int]]:
+    """Per stage, for a batch of ``images`` x 2 views (fp32, train mode): bytes its module's
+    forward saves for backward, bytes its decoder + loss forward saves, its output's bytes
+    and its parameters' bytes (module + decoder). Measured at 2 images and scaled linearly
+    (NT-Xent's 2B x 2B similarities grow faster; they are a small part at these sizes).
+    BatchNorm statistics and the random state are left as they were."""
+    from loco.parallel.stage import owned_parameter_names
+    from loco.profiling import SavedTensorTracker
+
+    measured = 2
+    scale = images / measured
+    was = method.training
+    bn = {n: b.clone() for n, b in method.named_buffers()}
+    named = dict(method.named_parameters())
+    exclude = [*method.parameters(), *method.buffers()]
+    p = next(method.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * measured, 3, image_size, image_size, generator=g).to(p)
+    rows = []
+    method.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if hasattr(method, "_images"):
+                method._images = x  # type: ignore[attr-defined]
+            for k in range(method.backbone.num_modules):
+                x_in = x.detach().requires_grad_(k > 0)
+                with SavedTensorTracker(exclude) as module_saved:
+                    h = method.backbone.forward_module(k, x_in)
+                    saved = module_saved.live
+                with SavedTensorTracker(exclude) as head_saved:
+                    loss = method.head_loss(k, h.detach().requires_grad_(True))
+                    head = head_saved.live
+                del loss
+                params = sum(
+                    named[n].numel() * named[n].element_size()
+                    for n in owned_parameter_names(method, k)
+                )
+                rows.append(
+                    {
+                        "saved_bytes": int(saved * scale),
+                        "head_saved_bytes": int(head * scale),
+                        "out_bytes": int(h.numel() * h.element_size() * scale),
+                        "param_bytes": params,
+                    }
+                )
+                x = h.detach()
+    finally:
+        if hasattr(method, "_images"):
+            method._images = None  # type: ignore[attr-defined]
+        with torch.no_grad():
+            for n, b in method.named_buffers():
+                b.copy_(bn[n])
+        method.zero_grad(set_to_none=True)
+        method.train(was)
+    return rows
 
 
 def placement_report(method: Method, image_size: int) -> str:

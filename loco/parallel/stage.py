@@ -123,12 +123,18 @@ class StageEngine:
         schedule: str = "sync",
         grad_clip: float = 0.0,
         probe: nn.Module | None = None,
+        scaler: Any = None,
     ) -> None:
         if schedule not in ("sync", "pipelined"):
             raise ValueError(f"unknown schedule {schedule!r}")
+        if scaler is not None and schedule != "sync":
+            raise ValueError("a gradient scaler needs the sync schedule (one step on all stages)")
         self.method, self.backbone = method, method.backbone
         self.optimizer, self.scheduler = optimizer, scheduler
         self.groups, self.grad_clip, self.probe = groups, grad_clip, probe
+        # fp16 (sync only): a scaler whose unscale_ agrees on inf/NaN across every rank
+        # (ShardedGradScaler over the world), so all stages keep one scale and skip together
+        self.scaler = scaler
         self.k, self.top = layout.stage_of(rank), layout.stages - 1
         self.up = rank + 1 if self.k < self.top else None
         self.down = rank - 1 if self.k > 0 else None
@@ -276,12 +282,21 @@ class StageEngine:
         self._apply(item.t)
 
     def _apply(self, t: int) -> None:
-        """Average within the stage group, clip, step with batch t's learning rate."""
+        """Average within the stage group, clip, step with batch t's learning rate. With a
+        scaler: unscale first; an inf/NaN on any rank skips this step on every rank (sync:
+        each rank applies exactly once per step, so the agreement is one all-reduce)."""
         average_gradients(self.params, self.groups.stage)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.grad_clip > 0:
             self._clip()
         self.scheduler.step_update(t)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.values["loss_scale"] = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.applied += 1
 
