@@ -10,6 +10,8 @@ Config keys (``add_loco_config``)::
 
     MODEL.LOCO.CHECKPOINT                   loco checkpoint; "" = random init (scratch)
     MODEL.LOCO.BACKBONE                     timm name when the checkpoint holds no config
+    MODEL.LOCO.PREFIX                       backbone key prefix in a foreign checkpoint
+                                            (None: found by its key names; --prefix)
     MODEL.LOCO.NORM                         FrozenBN | BN | SyncBN for the backbone's BatchNorm
     MODEL.LOCO.OUT_FEATURES                 ["res2", "res3", "res4", "res5"]
     MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT  set PIXEL_MEAN/STD, INPUT.FORMAT=RGB from it
@@ -60,6 +62,7 @@ def add_loco_config(cfg: CfgNode) -> CfgNode:
     cfg.MODEL.LOCO = CfgNode()
     cfg.MODEL.LOCO.CHECKPOINT = ""
     cfg.MODEL.LOCO.BACKBONE = "resnet50"
+    cfg.MODEL.LOCO.PREFIX = None
     cfg.MODEL.LOCO.NORM = "FrozenBN"
     cfg.MODEL.LOCO.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT = True
@@ -82,16 +85,18 @@ class LocoCheckpoint:
     source: str
 
 
-def read_loco_checkpoint(path: str, backbone: str = "resnet50") -> LocoCheckpoint:
-    """Read a loco checkpoint (``backbone`` + ``config``) or a plain timm state dict.
+def read_loco_checkpoint(cfg: CfgNode) -> LocoCheckpoint:
+    """The weights ``MODEL.LOCO`` names: a loco checkpoint (``backbone`` + ``config``), or a
+    foreign one (its backbone under ``PREFIX``, the architecture ``BACKBONE``).
 
-    ``path=""`` gives a randomly initialised ``backbone`` with ImageNet statistics.
+    ``CHECKPOINT=""`` gives a randomly initialised ``BACKBONE`` with ImageNet statistics.
     """
+    path, prefix = cfg.MODEL.LOCO.CHECKPOINT, cfg.MODEL.LOCO.get("PREFIX")
     data = DataConfig()
-    plain = ModelConfig(backbone=backbone, small_image="false")
+    plain = ModelConfig(backbone=cfg.MODEL.LOCO.BACKBONE, small_image="false")
     if not path:
         return LocoCheckpoint(plain, 224, data.mean, data.std, "random-init", None, "random init")
-    source = read_weights(path)
+    source = read_weights(path, prefix=prefix)
     cfg = source.config or Config(model=plain)  # plain state dict: MODEL.LOCO.BACKBONE
     return LocoCheckpoint(
         cfg.model,
@@ -302,7 +307,7 @@ def build_loco_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> LocoBackbone:
     """``MODEL.BACKBONE.NAME: build_loco_backbone``: the loco backbone alone."""
     if input_shape.channels != 3:
         raise LocoError(f"loco backbones take 3-channel images, not {input_shape.channels}")
-    source = read_loco_checkpoint(cfg.MODEL.LOCO.CHECKPOINT, cfg.MODEL.LOCO.BACKBONE)
+    source = read_loco_checkpoint(cfg)
     log.info(
         "backbone: %s (%s) from %s, FREEZE_AT=%d, norm %s",
         source.model.backbone,
