@@ -79,7 +79,7 @@ def test_small_inputs_and_width(one_thread, size, small):
 
 
 def test_narrow_presnet_trains_at_32_px(cifar_val_root, tmp_path):
-    from tests.test_train import tiny_cfg
+    from conftest import tiny_cfg
 
     cfg = tiny_cfg(
         cifar_val_root,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_train import tiny_cfg
+from conftest import tiny_cfg
 
 from loco import checkpoint as ckpt
 from loco import resume

@@ -93,7 +93,7 @@ def test_balanced_split_covers_blocks_and_evens_resnet50():
 
 
 def test_balanced_cuts_are_kept_in_checkpoint_meta(cifar_val_root, tmp_path):
-    from tests.test_train import tiny_cfg
+    from conftest import tiny_cfg
 
     cfg = tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=1", "model.split=balanced:3")
     run_dir = pretrain(cfg)
@@ -106,8 +106,9 @@ def test_balanced_cuts_are_kept_in_checkpoint_meta(cifar_val_root, tmp_path):
 def test_resume_takes_the_checkpoints_cuts(cifar_val_root, tmp_path):
     """A resumed balanced run splits where its checkpoint says, not where a new measurement
     would (the measurement could change with the code or torch)."""
+    from conftest import tiny_cfg
+
     from loco.train import Pretrainer
-    from tests.test_train import tiny_cfg
 
     cfg = tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=1", "model.split=balanced:3")
     run_dir = pretrain(cfg)

@@ -8,39 +8,11 @@ import signal
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
 from loco import checkpoint as ckpt
-from loco.config import load_config
 from loco.errors import LocoError
 from loco.train import Pretrainer, pretrain
-
-TINY = [
-    "model.kwargs={channels: [8, 16, 32, 64]}",
-    "decoder.hidden_dim=64",
-    "decoder.out_dim=32",
-]
-
-
-def tiny_cfg(root, out, *extra):
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.dataset=folder",
-            "data.train_split=val",
-            "data.per_class=4",
-            "data.image_size=16",
-            "data.num_workers=0",
-            "optim.batch_size=8",
-            "optim.warmup_epochs=0",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "train.log_every=1",
-            "train.deterministic=true",
-            *TINY,
-            *extra,
-        ],
-    )
 
 
 def weights(run_dir):
