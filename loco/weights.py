@@ -130,12 +130,7 @@ def read_weights(
     config, step, cuts = None, None, None
     saved = obj.get("config")
     if isinstance(saved, dict) and isinstance(obj.get("backbone"), dict):  # a loco checkpoint
-        try:
-            config = config_from_dict(saved)
-        except LocoError as exc:
-            raise LocoError(
-                f"checkpoint '{path}' holds a config this loco cannot read: {exc}"
-            ) from None
+        config = saved_config(saved, path)
         meta = obj.get("meta") or {}
         method = method or str(meta.get("method") or config.method.name)
         step = int(obj["step"]) if isinstance(obj.get("step"), int) else None
@@ -157,6 +152,22 @@ def read_weights(
     return WeightsSource(
         state, config, method, ckpt.file_hash(path), str(path), step, seed, split_cuts=cuts
     )
+
+
+def saved_config(saved: dict[str, Any], path: str | Path) -> Config:
+    """The config a loco checkpoint was saved with, as this loco reads it: kwargs timm ignored
+    (refused since) dropped with a warning (:func:`loco.models.backbone.drop_ignored_kwargs`);
+    a config it cannot read is one line naming the checkpoint."""
+    from loco.models.backbone import drop_ignored_kwargs
+
+    try:
+        config = config_from_dict(saved)
+    except LocoError as exc:
+        raise LocoError(
+            f"checkpoint '{path}' holds a config this loco cannot read: {exc}"
+        ) from None
+    config.model = drop_ignored_kwargs(config.model, str(path))
+    return config
 
 
 def _load_file(path: Path) -> dict[str, Any]:
