@@ -47,6 +47,18 @@ def tiny_overrides(
     ]
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, in order."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def epoch_batches(loader) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """One pass of a pretraining loader: (views, labels) of each batch."""
+    return [(views, labels) for views, labels, _ in loader]
+
+
 def tiny_val_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     """:func:`tiny_overrides` training on 40 real images (4 per class of ``root``'s val split,
     e.g. ``cifar_val_root``), deterministic: for runs that are compared bit for bit."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import metric_rows, tiny_overrides
 
 from loco.config import load_config
 from loco.data.loaders import build_eval_loader, build_pretrain_loader, pretrain_images
@@ -46,7 +45,7 @@ def test_flat_folder_pretrains_with_monitors_off(flat_folder, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="loco.train"):
         run = pretrain(cfg)
     assert "online linear probe and kNN monitor are off" in caplog.text
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run)
     assert [r["step"] for r in rows if "loss/s4" in r] == [1, 2]
     assert not any(k.startswith(("probe/", "monitor/")) for r in rows for k in r)
 
