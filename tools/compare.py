@@ -1,7 +1,7 @@
-"""The small-scale comparison of docs/results.md: every method x seed, resumable.
+"""The small-scale measurements of docs/results.md, one resumable command per section.
 
-The code is the ``loco.compare`` package (plan, runner, collect, report with its prose in
-``loco/compare/report.md``); ``python tools/compare.py --help`` shows the usage.
+The code is the ``loco.compare`` package (sections, plan, runner, collect, the reports with
+their prose templates, the page); ``python tools/compare.py --help`` shows the usage.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from loco.compare.plan import VARIANTS, parse_args, pretrain_config  # noqa: E402
+from loco.compare.plan import jobs, parse_args, pretrain_config, run_dir  # noqa: E402
 from loco.compare.runner import main  # noqa: E402
+from loco.compare.sections import SECTIONS, VARIANTS  # noqa: E402
 
-__all__ = ["VARIANTS", "main", "parse_args", "pretrain_config"]
+__all__ = ["SECTIONS", "VARIANTS", "jobs", "main", "parse_args", "pretrain_config", "run_dir"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

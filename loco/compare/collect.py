@@ -18,7 +18,6 @@ from loco.compare.plan import (
     FLOOR,
     LABELS,
     REFERENCE,
-    VARIANTS,
     base_config,
     checkpoint_step,
     commands,
@@ -26,6 +25,7 @@ from loco.compare.plan import (
     pretrain_config,
     run_dir,
     steps_of,
+    variant,
 )
 from loco.config import load_config
 from loco.rundir import RunDir, git_revision
@@ -45,6 +45,59 @@ def train_seconds(rd: Path) -> float | None:
             total += (rec["step"] - prev) * batch / rec["img_per_s"]
             prev = rec["step"]
     return total or None
+
+
+def loss_curves(rd: Path) -> dict[str, list[list[float]]]:
+    """Per local loss, [step, value] of every logged interval (metrics.jsonl)."""
+    path = RunDir(rd).metrics
+    curves: dict[str, list[list[float]]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            for k, v in rec.items():
+                if k.startswith("loss/"):
+                    curves.setdefault(k, []).append([rec["step"], v])
+    return curves
+
+
+def logged_std(rd: Path) -> dict[str, float]:
+    """Per-dimension embedding std metrics the trainer logged (the last value of each)."""
+    path, out = RunDir(rd).metrics, {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            out.update({k: v for k, v in json.loads(line).items() if "std" in k.lower()})
+    return out
+
+
+def feature_spread(eval_dir: Path, val_per_class: int) -> dict[str, float] | None:
+    """Collapse check from the cached eval features: the per-dimension std of the last
+    stage's pooled val features after L2 normalisation, x sqrt(dim) (about 1 when the
+    features spread like a uniform distribution on the sphere, 0 when they collapse to
+    one point), its mean and the fraction of dimensions below 0.01 of that scale. The val
+    features are the cache holding ``val_per_class`` images per class."""
+    import numpy as np
+
+    metas = sorted((eval_dir / "features").glob("*/meta.json"), key=lambda f: f.stat().st_mtime)
+    val = [
+        (f, m)
+        for f in metas
+        if (m := json.loads(f.read_text()))["data"]["per_class"] == val_per_class
+    ]
+    if not val:
+        return None
+    folder, meta = val[-1]
+    last = max(meta.get("stages", {}), key=int, default=None)
+    if last is None:
+        return None
+    x = np.load(folder.parent / meta["stages"][last]["file"]).astype(np.float64)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    std = x.std(axis=0) * np.sqrt(x.shape[1])
+    return {
+        "stage": int(last),
+        "dim": int(x.shape[1]),
+        "mean": float(std.mean()),
+        "dead": float((std < 0.01).mean()),
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -76,6 +129,11 @@ def collect_entry(args: argparse.Namespace, name: str) -> dict[str, Any]:
             rec["steps"] = (
                 checkpoint_step(RunDir(rd).checkpoint) if RunDir(rd).checkpoint.is_file() else None
             )
+        if name != FLOOR and name != REFERENCE and done.is_file():
+            rec["curves"] = loss_curves(rd)
+            rec["logged_std"] = logged_std(rd)
+        if done.is_file():
+            rec["feature_spread"] = feature_spread(rd / "eval", args.eval_val_per_class)
         if rec.get("train_s") and rec.get("steps"):
             rec["s_per_step"] = rec["train_s"] / rec["steps"]
         if rec:
@@ -146,6 +204,7 @@ def collect(
     done = sum(is_done(args, *j) for j in all_jobs)
     steps = {n: steps_of(args, n, args.seeds[0]) for n in names if n != FLOOR}
     return {
+        "section": args.section.name,
         "status": {
             "jobs_done": done,
             "jobs": len(all_jobs),
@@ -184,7 +243,8 @@ def collect(
         "methods": {
             n: {
                 "label": LABELS.get(n, n),
-                "about": VARIANTS.get(n, ""),
+                "about": variant(args, n).about,
+                "runs": str(run_dir(args, n, args.seeds[0]).parent.parent),  # its section's folder
                 **collect_entry(args, n),
                 "commands": {str(s): commands(args, n, s) for s in args.seeds},
             }
@@ -192,4 +252,5 @@ def collect(
         },
         "bench": collect_bench(args),
         "command": args.display,
+        "out": str(args.out),
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loco import checkpoint as ckpt
+from loco.compare.sections import ORDER, SECTIONS, VARIANTS, Section, Variant
 from loco.config import Config, load_config
 from loco.errors import LocoError
 from loco.rundir import RunDir
@@ -22,15 +23,6 @@ from loco.rundir import RunDir
 ROOT = Path(__file__).resolve().parents[2]
 USAGE = Path(__file__).with_name("usage.txt").read_text()
 
-# name -> what it is; the order of the tables. Each is configs/small/<name>.yaml.
-VARIANTS: dict[str, str] = {
-    "e2e": "SimCLR end to end, SimCLR's head (pool, 2-layer MLP)",
-    "e2e_deep": "SimCLR end to end, LoCo's decoder (residual conv block, pool, 2-layer MLP): the fair baseline",
-    "greedy": "Greedy InfoMax: a loss per stage, gradients stopped at every stage boundary; LoCo's decoder",
-    "loco": "LoCo: a loss per stage, each reaching its own stage and the one below; LoCo's decoder",
-    "loco_no_s1": "LoCo without the S1 loss (the paper's Figure 1); LoCo's decoder",
-    "infopro": "InfoPro: per stage reconstruction + contrastive loss, gradient-isolated; its own heads",
-}
 FLOOR = "random_init"
 REFERENCE = "simclr_independent"
 LABELS = {FLOOR: "random init (floor)", REFERENCE: "SimCLR, independent code"}
@@ -52,16 +44,25 @@ EVAL_S_GUESS, BENCH_S_GUESS = 45.0, 15.0
 
 
 # -- arguments ------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=USAGE.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=USAGE,
     )
     p.add_argument(
-        "--methods", default=",".join(VARIANTS), help="comma list of configs/small/<name>.yaml"
+        "--section",
+        default="methods",
+        choices=[*ORDER, "all"],
+        help="which part of docs/results.md to produce (default %(default)s; all: every "
+        "section in the page's order)",
     )
-    p.add_argument("--seeds", default="0,1", help="comma list of train.seed values (default 0,1)")
+    p.add_argument(
+        "--methods",
+        help="comma list of rows (default: the section's; for methods, configs/small/<name>.yaml "
+        f"names, default {','.join(VARIANTS)})",
+    )
+    p.add_argument("--seeds", help="comma list of train.seed values (default: the section's, 0,1)")
     p.add_argument(
         "--steps", type=int, help="override optim.max_steps of every config (smoke runs)"
     )
@@ -69,10 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs", default=str(ROOT / "configs" / "small"), help="folder of <method>.yaml"
     )
     p.add_argument(
-        "--out", default="runs/compare", help="run folders and summary.json (default %(default)s)"
+        "--runs",
+        default="runs",
+        help="parent of every section's runs folder (default %(default)s: runs/compare, "
+        "runs/compare_presnet, ...); the objectives section reuses <runs>/compare's SimCLR runs",
     )
     p.add_argument(
-        "--docs", default=str(ROOT / "docs"), help="where results.md and results_top1.png go"
+        "--out",
+        help="this section's run folders and summary.json (default <runs>/<its folder>, "
+        "e.g. runs/compare)",
+    )
+    p.add_argument(
+        "--docs",
+        default=str(ROOT / "docs"),
+        help="where results.md (one block per section) and the sections' plots go",
     )
     p.add_argument(
         "--eval-train-per-class", type=int, default=500, help="labelled train images per class"
@@ -94,9 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=20,
         help="timed steps per method in the benchmark (median; e2e timed in the same process)",
     )
-    p.add_argument("--no-bench", action="store_true", help="skip the FLOPs / memory benchmark")
-    p.add_argument("--no-reference", action="store_true", help="skip the independent SimCLR")
-    p.add_argument("--no-floor", action="store_true", help="skip the random-init evaluation")
+    for flag, what in (
+        ("--no-bench", "skip the FLOPs / memory benchmark"),
+        ("--no-reference", "skip the independent SimCLR"),
+        ("--no-floor", "skip the random-init evaluation"),
+    ):
+        p.add_argument(
+            flag, action="store_const", const=True, help=f"{what} (default: the section's)"
+        )
     p.add_argument(
         "--plan", action="store_true", help="print the jobs, commands and estimate; run nothing"
     )
@@ -109,35 +125,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every pretraining config"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of one section (``args.sections``: every section's, for ``all``)."""
+    p = _parser()
+    raw = p.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if raw.section == "all":
+        if raw.out or raw.methods:
+            p.error("--section all takes no --out or --methods; --runs sets the parent folder")
+        raw.sections = [
+            for_section(p, raw, SECTIONS[name], [*given, "--section", name]) for name in ORDER
+        ]
+        return raw
+    return for_section(p, raw, SECTIONS[raw.section], given)
+
+
+def for_section(
+    p: argparse.ArgumentParser, raw: argparse.Namespace, section: Section, given: list[str]
+) -> argparse.Namespace:
+    """The section's rows, seeds, overrides and folders, unless the command line sets them."""
+    args = argparse.Namespace(**vars(raw))
+    args.sections = None
+    args.section = section
     shown = [
         a
-        for a in (sys.argv[1:] if argv is None else argv)
+        for i, a in enumerate(given)
         if a not in ("--plan", "--report-only", "-v", "--verbose")
+        and not (a == "--section" and given[i + 1 : i + 2] == ["all"])
+        and not (a == "all" and given[i - 1 : i] == ["--section"])
     ]
+    if section.name == "methods":  # the historic command: no --section methods shown
+        shown = [
+            a
+            for i, a in enumerate(shown)
+            if not (a == "--section" and shown[i + 1 : i + 2] == ["methods"])
+            and not (a == "methods" and shown[i - 1 : i] == ["--section"])
+        ]
     args.display = " ".join(["python tools/compare.py", *(shlex.quote(a) for a in shown)])
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    args.out, args.configs, args.docs = Path(args.out), Path(args.configs), Path(args.docs)
-    missing = [m for m in args.methods if not (args.configs / f"{m}.yaml").is_file()]
+    rows = {v.name: v for v in section.variants}
+    args.methods = (
+        [m.strip() for m in raw.methods.split(",") if m.strip()] if raw.methods else list(rows)
+    )
+    unknown = [m for m in args.methods if m not in rows and section.name != "methods"]
+    if unknown:
+        p.error(
+            f"section {section.name} has no row {', '.join(unknown)}; its rows: {', '.join(rows)}"
+        )
+    args.variants = {m: rows.get(m, Variant(m, m)) for m in args.methods}
+    args.seeds = [
+        int(s) for s in str(raw.seeds or ",".join(map(str, section.seeds))).split(",") if s.strip()
+    ]
+    args.overrides = [*section.overrides, *raw.overrides]
+    args.no_reference = raw.no_reference or not section.reference
+    args.no_floor = raw.no_floor or not section.floor
+    args.no_bench = raw.no_bench or not section.bench
+    args.runs, args.configs, args.docs = Path(raw.runs), Path(raw.configs), Path(raw.docs)
+    args.out = Path(raw.out) if raw.out else args.runs / section.folder
+    args.homes = {name: args.runs / s.folder for name, s in SECTIONS.items()}
+    args.homes[section.name] = args.out
+    args.shared = {  # row -> the runs folder it lives in, when another section's
+        m: args.homes[v.home] for m, v in args.variants.items() if v.home
+    }
+    if section.floor_home and not args.no_floor:
+        args.shared[FLOOR] = args.homes[section.floor_home]
+    missing = [m for m in args.methods if not config_path(args, m).is_file()]
     if missing:
         p.error(f"no config for {', '.join(missing)} in {args.configs}")
     return args
 
 
 # -- configs and paths ----------------------------------------------------------------------
+def variant(args: argparse.Namespace, name: str) -> Variant:
+    return args.variants.get(name) or Variant(name, name)
+
+
 def run_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
-    return args.out / name / f"seed{seed}"
+    v = variant(args, name)
+    return args.shared.get(name, args.out) / v.dir_name / f"seed{seed}"
 
 
 def config_path(args: argparse.Namespace, name: str) -> Path:
-    return args.configs / f"{name}.yaml"
+    return args.configs / f"{variant(args, name).config}.yaml"
 
 
 def pretrain_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]:
     steps = [f"optim.max_steps={args.steps}"] if args.steps else []
     return [
         *args.overrides,
+        *variant(args, name).overrides,
         *steps,
         f"train.seed={seed}",
         f"train.output_dir={run_dir(args, name, seed)}",
@@ -190,10 +268,34 @@ def commands(args: argparse.Namespace, name: str, seed: int) -> list[str]:
             f"loco eval all --checkpoint {rd}/{REFERENCE}.pt --config {_rel(args.configs / 'base.yaml')} "
             f"{eval_flags(args, seed)} --out {rd}/eval {user}".strip(),
         ]
+    v = variant(args, name)
     extra = " ".join(shlex.quote(o) for o in pretrain_overrides(args, name, seed))
+    launch = (
+        f"OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node={v.processes} -m loco.cli pretrain"
+        if v.processes > 1
+        else "loco pretrain"
+    )
+    evals = "".join(f" {shlex.quote(o)}" for o in v.eval_overrides)
     return [
-        f"loco pretrain --config {_rel(config_path(args, name))} {extra}",
-        f"loco eval all --checkpoint {RunDir(rd).checkpoint} {eval_flags(args, seed)} --out {rd}/eval",
+        f"{launch} --config {_rel(config_path(args, name))} {extra}",
+        f"loco eval all --checkpoint {RunDir(rd).checkpoint} {eval_flags(args, seed)} --out {rd}/eval{evals}",
+    ]
+
+
+def torchrun_argv(args: argparse.Namespace, name: str, seed: int) -> list[str]:
+    """A stage-parallel row's pretraining: torchrun, one CPU process per stage."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={variant(args, name).processes}",
+        "-m",
+        "loco.cli",
+        "pretrain",
+        "--config",
+        str(config_path(args, name)),
+        *pretrain_overrides(args, name, seed),
     ]
 
 
@@ -218,8 +320,47 @@ def bench_argv(args: argparse.Namespace, name: str) -> list[str]:
     ]
 
 
+def _differences(old: Any, new: Any, default: Any, key: str = "") -> list[str]:
+    """Dotted keys whose values differ; a key the pin lacks is no difference when it holds
+    its default (a config key added to loco later does not change old runs' protocol)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        default = default if isinstance(default, dict) else {}
+        out = []
+        for k in sorted(set(old) | set(new)):
+            sub = f"{key}.{k}" if key else k
+            if k not in old and k in default and new[k] == default[k]:
+                continue
+            out += _differences(old.get(k), new.get(k), default.get(k), sub)
+        return out
+    return [] if old == new else [key]
+
+
+def unavailable(args: argparse.Namespace, name: str) -> str | None:
+    """Why a row's config does not load (e.g. a config key this loco does not have yet)."""
+    cache = args.__dict__.setdefault("_unavailable", {})
+    if name not in cache:
+        try:
+            pretrain_config(args, name, args.seeds[0])
+            cache[name] = None
+        except LocoError as exc:
+            cache[name] = str(exc)
+    return cache[name]
+
+
 def check_protocol(args: argparse.Namespace) -> None:
-    """Refuse to mix budgets: ``<out>/protocol.json`` pins steps, eval sizes and configs."""
+    """Refuse to mix budgets: ``<out>/protocol.json`` pins steps, eval sizes and configs;
+    rows living in another section's folder are checked against that folder's pin. With
+    ``--plan``, rows whose config does not load are left out (the plan lists them)."""
+
+    def rows(names: list[str]) -> list[str]:
+        return [m for m in names if not (args.plan and unavailable(args, m))]
+
+    _pin(args, args.out, rows([m for m in args.methods if m not in args.shared]))
+    for root in dict.fromkeys(args.shared.values()):
+        _pin(args, root, rows([m for m, r in args.shared.items() if r == root and m != FLOOR]))
+
+
+def _pin(args: argparse.Namespace, out: Path, names: list[str]) -> None:
     current = {
         "eval_train_per_class": args.eval_train_per_class,
         "eval_val_per_class": args.eval_val_per_class,
@@ -228,30 +369,42 @@ def check_protocol(args: argparse.Namespace) -> None:
         "bench_batch": args.bench_batch,
         "configs": {},
     }
-    for name in args.methods:
-        d = pretrain_config(args, name, 0).to_dict()
+    for name in names:
+        try:
+            d = pretrain_config(args, name, 0).to_dict()
+        except LocoError as exc:
+            v = variant(args, name)
+            raise LocoError(
+                f"row '{name}' of section {args.section.name} (configs/small/{v.config}.yaml "
+                f"{' '.join(v.overrides)}): {exc}"
+            ) from None
         d["train"].pop("output_dir")
         d["train"].pop("seed")
-        current["configs"][name] = d
-    path = args.out / "protocol.json"
+        current["configs"][variant(args, name).dir_name] = d
+    path = out / "protocol.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        default = Config().to_dict()
         for key, value in current.items():
             if key == "configs":
                 for name, d in value.items():
-                    if name in old["configs"] and old["configs"][name] != d:
+                    diff = _differences(old["configs"].get(name, d), d, default)
+                    if diff:
                         raise LocoError(
-                            f"{args.out} holds '{name}' runs made with another config (steps, overrides or "
-                            f"configs/small edited); use another --out or delete {args.out / name}"
+                            f"{out} holds '{name}' runs made with another config (steps, overrides or "
+                            f"configs/small edited: {', '.join(diff[:4])}); use another --out or "
+                            f"delete {out / name}"
                         )
-                old["configs"].update(value)
+                    old["configs"].setdefault(name, d)
             elif old.get(key) != value:
                 raise LocoError(
-                    f"{args.out} was made with {key}={old.get(key)}, not {value}; use another --out"
+                    f"{out} was made with {key}={old.get(key)}, not {value}; use another --out"
                 )
         current = old
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".protocol.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(current, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 # -- the independent reference ----------------------------------------------------------------
@@ -338,6 +491,8 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
 def steps_of(args: argparse.Namespace, name: str, seed: int) -> int:
     if name == REFERENCE:
         return reference_settings(args, seed).steps
+    if name != FLOOR and unavailable(args, name):  # planned only: the section's budget
+        return base_config(args, seed).optim.max_steps
     cfg = pretrain_config(args, name, seed)
     if cfg.optim.max_steps:
         return cfg.optim.max_steps
@@ -350,6 +505,8 @@ def is_done(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
     rd = run_dir(args, name, seed)
     if kind == "eval":
         return (rd / "eval" / "done.json").is_file()
+    if name != REFERENCE and unavailable(args, name):
+        return False
     if name == REFERENCE:
         done = rd / "done.json"
         return done.is_file() and json.loads(done.read_text()).get("steps") == steps_of(
@@ -362,6 +519,13 @@ def is_done(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
 
 
 # -- ETA ------------------------------------------------------------------------------------
+def cost_of(args: argparse.Namespace, name: str) -> float:
+    """A row's cost per step x e2e's, until measured: its own prior, else its config's."""
+    v = variant(args, name)
+    prior = v.cost or COST_PRIOR.get(name, COST_PRIOR.get(v.config, 1.0))
+    return prior * args.section.cost_scale
+
+
 def estimate(
     args: argparse.Namespace, summary: dict[str, Any], kind: str, name: str, seed: int | None
 ) -> float:
@@ -372,16 +536,13 @@ def estimate(
         measured = [m["eval_s"]["mean"] for m in methods.values() if "eval_s" in m]
         return statistics.fmean(measured) if measured else EVAL_S_GUESS
     per_e2e = [
-        m["s_per_step"]["mean"] / COST_PRIOR.get(n, 1.0)
-        for n, m in methods.items()
-        if "s_per_step" in m
+        m["s_per_step"]["mean"] / cost_of(args, n) for n, m in methods.items() if "s_per_step" in m
     ]
     own = methods.get(name, {}).get("s_per_step")
     rate = (
         own["mean"]
         if own
-        else COST_PRIOR.get(name, 1.0)
-        * (statistics.median(per_e2e) if per_e2e else IDLE_E2E_S_PER_STEP)
+        else cost_of(args, name) * (statistics.median(per_e2e) if per_e2e else IDLE_E2E_S_PER_STEP)
     )
     rd = run_dir(args, name, seed)
     left = steps_of(args, name, seed) - (

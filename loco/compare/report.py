@@ -3,16 +3,13 @@ the findings with their noise verdicts, and the top-1 plot."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from string import Template
 from typing import Any
 
-from loco.compare.collect import collect
 from loco.compare.plan import (
     BENCH_S_GUESS,
     COST_PRIOR,
@@ -22,6 +19,7 @@ from loco.compare.plan import (
     IDLE_E2E_S_PER_STEP,
     REFERENCE,
 )
+from loco.compare.sections import SECTIONS, Section
 
 TEMPLATE = Path(__file__).with_name("report.md")  # the page's prose, with $fields
 
@@ -165,42 +163,53 @@ def budget_text(summary: dict[str, Any]) -> str:
     )
 
 
-def render(summary: dict[str, Any], plot_name: str = "results_top1.png") -> str:
-    """``docs/results.md``: the template filled with this summary's numbers."""
-    st, p, env = summary["status"], summary["protocol"], summary["environment"]
-    methods, bench = summary["methods"], summary["bench"]
-    has_results = any(m.get("knn") for m in methods.values())
-    steps = sorted(set(p["steps"].values()))
-    if not has_results:
-        status = (
-            "> **NOT YET RUN.** This page is the template `tools/compare.py` fills in. No number below is\n"
-            "> a measurement; the commands are the ones that will produce them. Run\n"
-            "> `python tools/compare.py` (about an hour on 2 idle CPU cores) and it overwrites this file.\n\n"
+def status_text(summary: dict[str, Any], command: str) -> str:
+    st = summary["status"]
+    if not any(m.get("knn") for m in summary["methods"].values()):
+        return (
+            "> **NOT YET RUN.** This section is the template `tools/compare.py` fills in. No number below\n"
+            "> is a measurement; the commands are the ones that will produce them. Run\n"
+            f"> `{command}` and it overwrites this section.\n\n"
         )
-    elif not st["complete"]:
-        status = (
+    if not st["complete"]:
+        return (
             f"> **PARTIAL**: {st['jobs_done']} of {st['jobs']} jobs done ({st['time']}). Re-run the same\n"
             "> command to finish; missing cells are `-`.\n\n"
         )
-    else:
-        status = f"Complete: {st['jobs']} jobs, {st['time']}.\n\n"
-    order = list(methods)
+    return f"Complete: {st['jobs']} jobs, {st['time']}.\n\n"
+
+
+def top1_tables(summary: dict[str, Any], n_stages: int, heading: str = "###") -> list[str]:
+    """kNN and linear top-1 per stage, one row per method (mean ± std over seeds)."""
+    found = [int(s) for m in summary["methods"].values() for s in m.get("knn", {})]
+    n = max([n_stages, *found])
     tables = []
     for readout, title in (
         ("knn", "kNN top-1 (%), k=20, T=0.07"),
         ("linear", "Linear probe top-1 (%), cached features"),
     ):
         tables += [
-            f"## {title}",
+            f"{heading} {title}",
             "",
-            "| method | S1 | S2 | S3 | S4 | seeds |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | " + " | ".join(f"S{s}" for s in range(1, n + 1)) + " | seeds |",
+            "|---|" + "---:|" * n + "---:|",
         ]
-        for n in order:
-            m = methods[n]
-            cells = [_cell(m.get(readout, {}).get(str(s))) for s in range(1, 5)]
-            tables.append(f"| `{n}` | " + " | ".join(cells) + f" | {m.get('n', 0)} |")
+        for name, m in summary["methods"].items():
+            cells = [_cell(m.get(readout, {}).get(str(s))) for s in range(1, n + 1)]
+            tables.append(f"| `{name}` | " + " | ".join(cells) + f" | {m.get('n', 0)} |")
         tables.append("")
+    return tables
+
+
+def render(summary: dict[str, Any], section: Section = SECTIONS["methods"]) -> str:
+    """A section's block of ``docs/results.md``: its template filled with the summary."""
+    p, env = summary["protocol"], summary["environment"]
+    methods, bench = summary["methods"], summary["bench"]
+    has_results = any(m.get("knn") for m in methods.values())
+    steps = sorted(set(p["steps"].values()))
+    status = status_text(summary, section.command)
+    order = list(methods)
+    tables = top1_tables(summary, section.stages)
     e2e_step = methods.get("e2e", {}).get("s_per_step", {}).get("min")
     cost_rows = []
     for n in order:
@@ -230,6 +239,7 @@ def render(summary: dict[str, Any], plot_name: str = "results_top1.png") -> str:
     fields = {
         "status": status,
         "command": summary["command"],
+        "out": summary.get("out", "runs/compare"),
         "git": env["git"],
         "torch": env["torch"],
         "threads": env["threads"],
@@ -257,7 +267,7 @@ def render(summary: dict[str, Any], plot_name: str = "results_top1.png") -> str:
         if p["overrides"]
         else "",
         "top1_tables": "\n".join(tables) + "\n",
-        "plot": f"![top-1 per stage]({plot_name})\n\n" if has_results else "",
+        "plot": f"![top-1 per stage]({section.plot})\n\n" if has_results else "",
         "bench_batch": p["bench_batch"],
         "load": ", ".join(f"{x:.1f}" for x in env["load_avg"]) if env["load_avg"] else "n/a",
         "cost_rows": "\n".join(cost_rows),
@@ -265,8 +275,12 @@ def render(summary: dict[str, Any], plot_name: str = "results_top1.png") -> str:
         "epochs": f"{(steps[0] * p['batch']) / max(n_images, 1):.1f}",
         "row_commands": "\n".join(rows),
         "budget": budget_text(summary),
+        "measured_budget": _measured_budget(summary)
+        or "Measured once every job has run; until then `--plan` prints an estimate from the "
+        "timings of whatever has run.",
     }
-    return Template(TEMPLATE.read_text()).substitute(fields)
+    template = TEMPLATE.with_name(section.template)
+    return Template(template.read_text()).substitute(fields)
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path | None:
@@ -306,7 +320,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
                 **style,
             )
         ax.set_title(title)
-        ax.set_xticks([1, 2, 3, 4], ["S1", "S2", "S3", "S4"])
+        n = max([4, *(int(s) for m in methods.values() for s in m.get(readout, {}))])
+        ax.set_xticks(range(1, n + 1), [f"S{s}" for s in range(1, n + 1)])
         ax.set_xlabel("stage")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
@@ -322,17 +337,3 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def write_outputs(
-    args: argparse.Namespace, all_jobs: list[tuple[str, str, int | None]]
-) -> dict[str, Any]:
-    summary = collect(args, all_jobs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, args.out / "summary.json")
-    args.docs.mkdir(parents=True, exist_ok=True)
-    plot(summary, args.docs / "results_top1.png")
-    (args.docs / "results.md").write_text(render(summary))
-    return summary

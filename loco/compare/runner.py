@@ -7,6 +7,8 @@ import argparse
 import gc
 import json
 import logging
+import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -15,6 +17,7 @@ from loco.compare.collect import collect
 from loco.compare.plan import (
     FLOOR,
     REFERENCE,
+    ROOT,
     _t,
     base_config,
     bench_argv,
@@ -27,8 +30,11 @@ from loco.compare.plan import (
     reference_settings,
     run_dir,
     simclr_minimal,
+    torchrun_argv,
+    unavailable,
+    variant,
 )
-from loco.compare.report import write_outputs
+from loco.compare.write import write_outputs
 from loco.errors import LocoError
 from loco.rundir import RunDir
 
@@ -47,6 +53,10 @@ def run_job(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
         return
     if kind == "pretrain" and name == REFERENCE:
         simclr_minimal().train(reference_settings(args, seed))
+        return
+    if kind == "pretrain" and variant(args, name).processes > 1:
+        pretrain_config(args, name, seed)  # a bad config fails here, before any process starts
+        run_processes(torchrun_argv(args, name, seed))
         return
     if kind == "pretrain":
         pretrain(pretrain_config(args, name, seed))
@@ -76,9 +86,36 @@ def run_job(args: argparse.Namespace, kind: str, name: str, seed: int | None) ->
             args.eval_val_per_class,
         )
     else:
-        evaluate_run(None, RunDir(rd).checkpoint, rd / "eval", **common)
+        overrides = variant(args, name).eval_overrides
+        evaluate_run(None, RunDir(rd).checkpoint, rd / "eval", overrides=overrides, **common)
     done = {"eval_s": time.perf_counter() - t0, **extra}
     (rd / "eval" / "done.json").write_text(json.dumps(done, indent=1) + "\n")
+
+
+def run_processes(argv: list[str]) -> None:
+    """Stage-parallel pretraining: torchrun's CPU processes, one thread each. Ctrl-C reaches
+    them too (same process group): they save a checkpoint, and we wait for that."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code == 130:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise LocoError(
+            f"stage-parallel pretraining exited with status {code} (its log is above); "
+            "fix the cause and re-run the same command"
+        )
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -93,18 +130,47 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.sections:
+        return run_section(args)
+    worst = 0
+    for section_args in args.sections:  # every section in the page's order
+        print(f"== section {section_args.section.name}: {section_args.display}", flush=True)
+        code = run_section(section_args)
+        if code not in (0, 2):  # interrupted: stop; a section that cannot run: the next one
+            return code
+        worst = max(worst, code)
+    if args.plan:
+        shared: dict = {}
+        for a in args.sections:
+            shared.update(getattr(a, "eta", {}))
+        print(
+            f"\nall sections: estimate {_t(sum(shared.values()))} to run (jobs shared by sections "
+            "counted once; idle 2-core guess until measured)"
+        )
+    return worst
+
+
+def run_section(args: argparse.Namespace) -> int:
     try:
         check_protocol(args)
         all_jobs = jobs(args)
         if args.report_only:
             write_outputs(args, all_jobs)
-            print(f"wrote {args.docs / 'results.md'} and {args.out / 'summary.json'}")
+            print(
+                f"wrote {args.docs / 'results.md'} ({args.section.name}) and {args.out / 'summary.json'}"
+            )
             return 0
         summary = collect(args, all_jobs)
         todo = [j for j in all_jobs if not is_done(args, *j)]
-        total = sum(estimate(args, summary, *j) for j in todo)
+        args.eta = {  # per job, keyed by where it writes: sections share the methods runs
+            (j[0], str(run_dir(args, j[1], j[2]) if j[2] is not None else args.out / j[1])): (
+                estimate(args, summary, *j)
+            )
+            for j in todo
+        }
+        total = sum(args.eta.values())
         print(
-            f"compare: {len(all_jobs)} jobs, {len(all_jobs) - len(todo)} done, {len(todo)} to run; "
+            f"compare {args.section.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(todo)} done, {len(todo)} to run; "
             f"estimate {_t(total)} (idle 2-core guess until measured)",
             flush=True,
         )
@@ -115,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                     if (kind, name, seed) not in todo
                     else f"~{_t(estimate(args, summary, kind, name, seed))}"
                 )
+                why = unavailable(args, name) if kind == "pretrain" and name != REFERENCE else None
+                if why:
+                    state += f"  UNAVAILABLE: {why}"
                 print(f"  {describe(kind, name, seed):<34} {state}")
             for name in summary["methods"]:
                 print(
@@ -152,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         write_outputs(args, all_jobs)
         print(
-            f"done: {args.docs / 'results.md'}, {args.docs / 'results_top1.png'}, {args.out / 'summary.json'}"
+            f"done: {args.docs / 'results.md'} ({args.section.name}), "
+            f"{args.docs / args.section.plot}, {args.out / 'summary.json'}"
         )
         return 0
     except LocoError as exc:
