@@ -62,11 +62,11 @@ def _checkpoint_path(source: str | Path) -> Path:
 
 def export_metadata(source: WeightsSource, config_dict: dict[str, Any]) -> dict[str, Any]:
     """What a user of the exported file needs to rebuild and feed the model."""
-    from loco.models.backbone import _is_small_image, build_backbone, timm_kwargs
+    from loco.models.backbone import _is_small_image, timm_kwargs
 
     cfg = source.config
     assert cfg is not None
-    backbone = build_backbone(cfg.model, cfg.data.image_size)
+    backbone = source.build_backbone(cfg.model, cfg.data.image_size)
     stem = _stem_change(backbone.body) if _is_small_image(cfg.model, cfg.data.image_size) else ""
     config_text = json.dumps(config_dict, sort_keys=True)
     return {

@@ -170,7 +170,21 @@ class _Saved:
         self.ledger.release(self.key)
 
 
-class SavedTensorTracker:
+class _LedgerReadings:
+    """A tracker's ``peak`` and ``live`` bytes, from its ledger."""
+
+    _ledger: _Ledger
+
+    @property
+    def peak(self) -> int:
+        return self._ledger.peak
+
+    @property
+    def live(self) -> int:
+        return self._ledger.live
+
+
+class SavedTensorTracker(_LedgerReadings):
     """Context manager: peak bytes of tensors saved for backward, one count per storage.
 
     ``exclude`` are tensors whose storages are not activations (parameters, buffers).
@@ -201,14 +215,6 @@ class SavedTensorTracker:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self.saved_total = 0  # bytes packed over the whole run (each save counted)
         self.recomputed_total = 0  # the same for tensors saved while recomputing checkpoints
-
-    @property
-    def peak(self) -> int:
-        return self._ledger.peak
-
-    @property
-    def live(self) -> int:
-        return self._ledger.live
 
     @property
     def peak_by_owner(self) -> dict[str, int]:
@@ -278,7 +284,7 @@ class _RecomputeTee:
 
 
 # -- every tensor ------------------------------------------------------------------------------
-class LiveTensorTracker(TorchDispatchMode):
+class LiveTensorTracker(_LedgerReadings, TorchDispatchMode):
     """Peak bytes of all storages created while active (freed ones subtracted).
 
     A storage counts from the op that allocates it until it is freed. Storages that existed
@@ -291,14 +297,6 @@ class LiveTensorTracker(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self._ledger = _Ledger(None)
-
-    @property
-    def peak(self) -> int:
-        return self._ledger.peak
-
-    @property
-    def live(self) -> int:
-        return self._ledger.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}

@@ -84,8 +84,11 @@ def describe(diff: dict[str, tuple[Any, Any]]) -> str:
 def check(path: Any, state: dict[str, Any], cfg: Config, world_size: int | None, mode: str) -> None:
     """Raise a one-line LocoError if ``state`` (loaded from ``path``) cannot be continued under
     ``cfg`` with ``mode`` ("exact" for auto/path, or "extend")."""
+    from loco.weights import saved_config
+
     old_world = state.get("meta", {}).get("world_size")
-    diff = differences(state.get("config", {}), cfg, old_world, world_size)
+    old = saved_config(state.get("config", {}), path).to_dict()
+    diff = differences(old, cfg, old_world, world_size)
     if not diff:
         return
     horizon_only = set(diff) <= set(HORIZON)

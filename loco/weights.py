@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,9 @@ import torch.nn as nn
 from loco import checkpoint as ckpt
 from loco.config import Config, ModelConfig, config_from_dict
 from loco.errors import LocoError
+
+if TYPE_CHECKING:
+    from loco.models.backbone import StagedBackbone
 
 log = logging.getLogger("loco.weights")
 
@@ -57,6 +60,7 @@ class WeightsSource:
     path: str | None = None  # the file the weights (or the architecture) came from
     step: int | None = None  # pretraining step of a loco checkpoint
     seed: int = 0  # random initialisation seed
+    split_cuts: list[int] | None = None  # a balanced:K run's cuts (its meta.split_cuts)
 
     @property
     def random_init(self) -> bool:
@@ -78,6 +82,19 @@ class WeightsSource:
         initialisation, whose cache key hashes the built weights instead (they depend on
         the timm version, not only on the seed)."""
         return None if self.random_init else self.weights_id
+
+    def build_backbone(self, model: ModelConfig, image_size: int) -> StagedBackbone:
+        """``model``'s staged backbone with these weights loaded: the one builder of the
+        network a checkpoint trained. A ``balanced:K`` split the checkpoint was trained with
+        is cut where its ``meta.split_cuts`` say, not measured again (a measurement can come
+        out otherwise with another torch or image size, and then the per-stage results would
+        be of other modules than the ones trained); another split is resolved as usual."""
+        from loco.models.backbone import build_backbone
+
+        trained = self.config is not None and model.split == self.config.model.split
+        backbone = build_backbone(model, image_size, cuts=self.split_cuts if trained else None)
+        load_into(backbone.body, self)
+        return backbone
 
     def model_config(self, fallback: ModelConfig | None) -> ModelConfig:
         """The saved architecture, else ``fallback`` (the caller's ``--backbone``)."""
@@ -114,21 +131,17 @@ def read_weights(
             raise LocoError("nothing to evaluate: pass --checkpoint PATH or --random-init")
         return WeightsSource(None, None, RANDOM_INIT, f"random-init-seed{seed}", seed=seed)
     obj = _load_file(Path(path))
-    config, step = None, None
+    config, step, cuts = None, None, None
     saved = obj.get("config")
     if isinstance(saved, dict) and isinstance(obj.get("backbone"), dict):  # a loco checkpoint
-        try:
-            config = config_from_dict(saved)
-        except LocoError as exc:
-            raise LocoError(
-                f"checkpoint '{path}' holds a config this loco cannot read: {exc}"
-            ) from None
+        config = saved_config(saved, path)
         meta = obj.get("meta") or {}
         label = str(meta.get("method") or config.method.name)
         if config.method.objective != "simclr":  # routing+objective, e.g. loco+byol
             label = f"{label}+{config.method.objective}"
         method = method or (f"{label}-ema" if ema else label)
         step = int(obj["step"]) if isinstance(obj.get("step"), int) else None
+        cuts = [int(c) for c in meta["split_cuts"]] if meta.get("split_cuts") else None
         key = "backbone_ema" if ema else "backbone"
         if not isinstance(obj.get(key), dict):
             raise LocoError(
@@ -143,10 +156,32 @@ def read_weights(
         state = backbone_state(obj, prefix, str(path))
     if random_init:
         return WeightsSource(
-            None, config, RANDOM_INIT, f"random-init-seed{seed}", str(path), seed=seed
+            None,
+            config,
+            RANDOM_INIT,
+            f"random-init-seed{seed}",
+            str(path),
+            seed=seed,
+            split_cuts=cuts,  # the floor is split as the trained network is
         )
     weights_id = ckpt.file_hash(path) + ("-ema" if ema else "")
-    return WeightsSource(state, config, method, weights_id, str(path), step, seed)
+    return WeightsSource(state, config, method, weights_id, str(path), step, seed, split_cuts=cuts)
+
+
+def saved_config(saved: dict[str, Any], path: str | Path) -> Config:
+    """The config a loco checkpoint was saved with, as this loco reads it: kwargs timm ignored
+    (refused since) dropped with a warning (:func:`loco.models.backbone.drop_ignored_kwargs`);
+    a config it cannot read is one line naming the checkpoint."""
+    from loco.models.backbone import drop_ignored_kwargs
+
+    try:
+        config = config_from_dict(saved)
+    except LocoError as exc:
+        raise LocoError(
+            f"checkpoint '{path}' holds a config this loco cannot read: {exc}"
+        ) from None
+    config.model = drop_ignored_kwargs(config.model, str(path))
+    return config
 
 
 def _load_file(path: Path) -> dict[str, Any]:

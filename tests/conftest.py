@@ -1,11 +1,83 @@
-"""Shared fixtures: real images from the shipped datasets, extracted once per test session."""
+"""Shared fixtures: real images from the shipped datasets, extracted once per test session;
+and the one builder of tiny-run configs (import it: ``from conftest import tiny_cfg``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from loco.config import Config
+
+TINY_CHANNELS = (8, 16, 32, 64)  # a resnet18 that runs a step in well under a second on CPU
+
+
+def tiny_overrides(
+    root: Path | None,
+    out: Path | None,
+    *extra: str,
+    channels: Sequence[int] | None = TINY_CHANNELS,
+    decoder: tuple[int, int] = (32, 16),
+    image_size: int = 16,
+) -> list[str]:
+    """``key=value`` overrides for a run that trains in seconds on 2 CPU cores: a folder
+    dataset at ``root``, output in ``out`` (either left out when None), a resnet18 of
+    ``channels`` (None: the backbone's own widths, for other backbones), a ``decoder``
+    of (hidden, out) dims, batch 8, no warmup, no worker processes, a log row per step;
+    ``extra`` comes last, so it overrides any of these."""
+    over = ["data.dataset=folder"]
+    over += [f"data.root={root}"] if root is not None else []
+    over += [f"train.output_dir={out}"] if out is not None else []
+    over += [f"model.kwargs={{channels: {list(channels)}}}"] if channels is not None else []
+    return [
+        *over,
+        f"data.image_size={image_size}",
+        "data.num_workers=0",
+        f"decoder.hidden_dim={decoder[0]}",
+        f"decoder.out_dim={decoder[1]}",
+        "optim.batch_size=8",
+        "optim.warmup_epochs=0",
+        "train.progress=false",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, in order."""
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def epoch_batches(loader) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """One pass of a pretraining loader: (views, labels) of each batch."""
+    return [(views, labels) for views, labels, _ in loader]
+
+
+def tiny_val_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    """:func:`tiny_overrides` training on 40 real images (4 per class of ``root``'s val split,
+    e.g. ``cifar_val_root``), deterministic: for runs that are compared bit for bit."""
+    return tiny_overrides(
+        root,
+        out,
+        "data.train_split=val",
+        "data.per_class=4",
+        "train.deterministic=true",
+        *extra,
+        decoder=(64, 32),
+    )
+
+
+def tiny_cfg(root: Path, out: Path, *extra: str) -> Config:
+    """The validated config of :func:`tiny_val_overrides`."""
+    from loco.config import load_config
+
+    return load_config(None, tiny_val_overrides(root, out, *extra))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TINY_CHANNELS
 from torch.utils.checkpoint import checkpoint
 
 from loco.bench import decoder_flops, estimate_max_batch, largest_batch
@@ -31,7 +32,7 @@ from loco.profiling import (
 
 B, IN, OUT = 3, 5, 7
 F32 = 4
-TINY = {"channels": [8, 16, 32, 64]}
+TINY = {"channels": list(TINY_CHANNELS)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import epoch_batches
 from PIL import Image
 
 from loco.cli import main
@@ -349,17 +350,13 @@ def test_eval_transform_deterministic(clothing_jpeg: Path) -> None:
 # ---------------------------------------------------------------- loaders
 
 
-def _epoch(loader) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    return [(views, labels) for views, labels, _ in loader]
-
-
 def test_pretrain_loader_resume_is_exact(tiny_root: Path) -> None:
     cfg = folder_cfg(tiny_root)
     cfg.optim.batch_size = 16
     loader = build_pretrain_loader(cfg)
     set_loader_epoch(loader, 1)
     rng_state = torch.get_rng_state()
-    full = _epoch(loader)
+    full = epoch_batches(loader)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the trainer's RNG is untouched
     assert len(full) == 5 == steps_per_epoch(loader)
     views, labels = full[0]
@@ -372,13 +369,13 @@ def test_pretrain_loader_resume_is_exact(tiny_root: Path) -> None:
     resumed = build_pretrain_loader(cfg)
     set_loader_epoch(resumed, 1, step=2)
     assert len(resumed) == 3
-    tail = _epoch(resumed)
+    tail = epoch_batches(resumed)
     assert len(tail) == 3
     for (va, ya), (vb, yb) in zip(full[2:], tail):
         assert torch.equal(ya, yb) and all(torch.equal(x, z) for x, z in zip(va, vb))
 
     set_loader_epoch(resumed, 2)
-    next_epoch = _epoch(resumed)
+    next_epoch = epoch_batches(resumed)
     assert len(next_epoch) == 5
     assert not torch.equal(next_epoch[0][0][0], full[0][0][0])
 
@@ -391,7 +388,7 @@ def test_pretrain_loader_same_with_workers_and_subset(tiny_root: Path) -> None:
     cfg.data.num_workers = 2
     parallel = build_pretrain_loader(cfg)
     set_loader_epoch(parallel, 0)
-    a, b = _epoch(serial), _epoch(parallel)
+    a, b = epoch_batches(serial), epoch_batches(parallel)
     assert len(a) == len(b) == 5
     for (va, ya), (vb, yb) in zip(a, b):
         assert torch.equal(ya, yb) and torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])

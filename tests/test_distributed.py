@@ -103,7 +103,7 @@ def test_gather_handles_uneven_batches(tmp_path):
 
 def _pretrain_worker(rank: int, init_file: str, root: str, run: str, out: dict) -> None:
     """Rank 1's loss turns NaN at step 3 (checkpoints every 2 steps); then both ranks resume."""
-    from test_train import tiny_cfg
+    from conftest import tiny_cfg
     from timm.layers import drop_path
 
     from loco.errors import LocoError

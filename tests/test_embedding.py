@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 
 from loco.cli import main
 from loco.config import load_config
@@ -14,23 +15,7 @@ from loco.train import pretrain
 @pytest.fixture(scope="module")
 def tiny_run(tiny_folder_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("embed") / "run"
-    cfg = load_config(
-        None,
-        [
-            f"data.root={tiny_folder_root}",
-            "data.dataset=folder",
-            "data.image_size=16",
-            "data.num_workers=0",
-            "model.kwargs={channels: [8, 16, 32, 64]}",
-            "decoder.hidden_dim=32",
-            "decoder.out_dim=16",
-            "optim.batch_size=8",
-            "optim.max_steps=1",
-            "optim.warmup_epochs=0",
-            f"train.output_dir={out}",
-            "train.progress=false",
-        ],
-    )
+    cfg = load_config(None, tiny_overrides(tiny_folder_root, out, "optim.max_steps=1"))
     return pretrain(cfg)
 
 

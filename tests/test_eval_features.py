@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import tiny_overrides
 
 from loco.cli import main
 from loco.config import load_config
@@ -23,23 +24,14 @@ from loco.eval.network import load_backbone
 from loco.models.heads import pool
 from loco.rundir import RunDir
 
-TINY = "model.kwargs={channels: [16, 32, 64, 128]}"
+CHANNELS = (16, 32, 64, 128)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: faster on busy cores
 
 
-def overrides(root: Path, out: Path) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.dataset=folder",
-        TINY,
-        "optim.batch_size=16",
-        "optim.max_steps=2",
-        "data.num_workers=0",
-        f"train.output_dir={out}",
-        "train.progress=false",
-        "monitor.online_linear=false",
-    ]
+def overrides(root: Path, out: Path | None) -> list[str]:
+    over = ["optim.batch_size=16", "optim.max_steps=2", "monitor.online_linear=false"]
+    return tiny_overrides(root, out, *over, channels=CHANNELS, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +119,7 @@ def test_changed_checkpoint_invalidates_cache(run_dir, tmp_path):
 
 
 def test_plain_state_dicts_random_init_and_mismatch(tiny_folder_root, tmp_path):
-    over = [f"data.root={tiny_folder_root}", "data.dataset=folder", TINY]
+    over = overrides(tiny_folder_root, None)
     torch.manual_seed(1)
     model = timm.create_model("resnet18", num_classes=10, channels=[16, 32, 64, 128])
     model.conv1 = torch.nn.Conv2d(

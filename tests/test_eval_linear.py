@@ -115,19 +115,17 @@ def test_presets_by_architecture():
         preset_for("resnet50", "convnet")
 
 
+def _probe_input(root):
+    """A quarter-width ResNet-18 at seed 0 and the config of the images it probes."""
+    over = ["data.dataset=folder", "model.kwargs={channels: [16, 32, 64, 128]}"]
+    cfg = load_config(None, [f"data.root={root}", *over, "data.num_workers=0"])
+    torch.manual_seed(0)
+    return cfg, build_backbone(cfg.model, cfg.data.image_size)
+
+
 @pytest.mark.parametrize("schedule", ["step", "cosine"])
 def test_augmented_probe_leaves_backbone_untouched(tiny_folder_root, schedule):
-    cfg = load_config(
-        None,
-        [
-            f"data.root={tiny_folder_root}",
-            "data.dataset=folder",
-            "model.kwargs={channels: [16, 32, 64, 128]}",
-            "data.num_workers=0",
-        ],
-    )
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg.model, cfg.data.image_size)
+    cfg, backbone = _probe_input(tiny_folder_root)
     backbone.train()
     # non-trivial BN statistics, so a forward pass in train mode would visibly change them
     with torch.no_grad():
@@ -172,17 +170,7 @@ def test_step_schedule_divides_by_ten_at_30_60_90_percent():
 def test_augmented_probe_trains_with_the_step_schedule(tiny_folder_root, monkeypatch):
     """The lr of every optimizer step of a real 10-epoch probe: base lr 30 x batch/256,
     x0.1 from epoch 3, 6 and 9 (30/60/90 %)."""
-    cfg = load_config(
-        None,
-        [
-            f"data.root={tiny_folder_root}",
-            "data.dataset=folder",
-            "model.kwargs={channels: [16, 32, 64, 128]}",
-            "data.num_workers=0",
-        ],
-    )
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg.model, cfg.data.image_size)
+    cfg, backbone = _probe_input(tiny_folder_root)
     seen: list[float] = []
     step = torch.optim.SGD.step
 

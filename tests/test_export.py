@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from loco import checkpoint as ckpt
 from loco.cli import main
@@ -81,18 +82,6 @@ USER_SCRIPT = textwrap.dedent(
     """
 )
 
-TINY = [
-    "data.dataset=folder",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "decoder.hidden_dim=32",
-    "decoder.out_dim=16",
-    "optim.batch_size=8",
-    "optim.max_steps=1",
-    "optim.warmup_epochs=0",
-    "train.progress=false",
-    "method.name=greedy",
-]
 MODELS = {
     "resnet18": ["model.backbone=resnet18", "model.small_image=false"],
     "resnet_small_stem": ["model.backbone=resnet18", "model.kwargs={channels: [8, 16, 32, 64]}"],
@@ -108,7 +97,15 @@ def runs(tiny_folder_root, tmp_path_factory):
         name: pretrain(
             load_config(
                 None,
-                [f"data.root={tiny_folder_root}", f"train.output_dir={out / name}", *TINY, *extra],
+                tiny_overrides(
+                    tiny_folder_root,
+                    out / name,
+                    "optim.max_steps=1",
+                    "method.name=greedy",
+                    *extra,
+                    channels=None,
+                    image_size=32,
+                ),
             )
         )
         for name, extra in MODELS.items()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import epoch_batches
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
@@ -300,10 +301,6 @@ def test_cuda_loader(tiny_root: Path) -> None:
 # ---------------------------------------------------------------- the loader
 
 
-def _epoch(loader) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    return [(views, labels) for views, labels, _ in loader]
-
-
 def test_tensor_loader_contract_and_resume(tiny_root: Path) -> None:
     cfg = tensor_cfg(tiny_root)
     cfg.optim.batch_size = 16
@@ -311,7 +308,7 @@ def test_tensor_loader_contract_and_resume(tiny_root: Path) -> None:
     assert isinstance(loader, TensorPipelineLoader) and len(loader.dataset.classes) == 10
     set_loader_epoch(loader, 1)
     rng_state = torch.get_rng_state()
-    full = _epoch(loader)
+    full = epoch_batches(loader)
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert len(full) == 5 == steps_per_epoch(loader) == len(loader)
     views, labels = full[0]
@@ -322,12 +319,12 @@ def test_tensor_loader_contract_and_resume(tiny_root: Path) -> None:
 
     resumed = build_pretrain_loader(cfg)
     set_loader_epoch(resumed, 1, step=2)
-    tail = _epoch(resumed)
+    tail = epoch_batches(resumed)
     assert len(tail) == 3
     for (va, ya), (vb, yb) in zip(full[2:], tail):
         assert torch.equal(ya, yb) and all(torch.equal(x, z) for x, z in zip(va, vb))
     set_loader_epoch(resumed, 2)
-    assert not torch.equal(_epoch(resumed)[0][0][0], full[0][0][0])
+    assert not torch.equal(epoch_batches(resumed)[0][0][0], full[0][0][0])
 
 
 def test_tensor_loader_workers_and_device_decode_agree(tiny_root: Path) -> None:
@@ -349,7 +346,7 @@ def test_tensor_loader_workers_and_device_decode_agree(tiny_root: Path) -> None:
     runs = []
     for loader in (serial, parallel, main):
         set_loader_epoch(loader, 0)
-        runs.append(_epoch(loader))
+        runs.append(epoch_batches(loader))
     for a in runs[1:]:
         assert len(a) == len(runs[0]) == 5
         for (va, ya), (vb, yb) in zip(runs[0], a):

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_CHANNELS
 
 from loco.config import Config
 from loco.methods import build_method
@@ -22,7 +23,7 @@ from loco.models.backbone import build_backbone
 SIZE = 16
 # timm zero-initialises each residual branch's last BatchNorm; with it about half of the
 # comparisons would be 0 == 0
-TINY = {"channels": [8, 16, 32, 64], "zero_init_last": False}  # a resnet18 in milliseconds
+TINY = {"channels": list(TINY_CHANNELS), "zero_init_last": False}  # a resnet18 in milliseconds
 # the other families whose units differ: ConvNeXt (downsample units, no BatchNorm) and ViT
 # (the embedding pseudo-unit, tokens, the final norm joining the last module)
 OTHER_BACKBONES = {

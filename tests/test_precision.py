@@ -7,29 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from loco.config import load_config
 from loco.train import Pretrainer, pretrain
 
-TINY = [
-    "data.dataset=folder",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "model.kwargs={channels: [8, 16, 32, 64]}",
-    "decoder.hidden_dim=32",
-    "decoder.out_dim=16",
-    "optim.batch_size=8",
-    "optim.warmup_epochs=0",
-    "optim.name=sgd",
-    "train.device=cpu",
-    "train.progress=false",
-    "train.log_every=1",
-    "monitor.online_linear=false",
-]
-
 
 def _cfg(root, out, *extra):
-    return load_config(None, [f"data.root={root}", f"train.output_dir={out}", *TINY, *extra])
+    over = ["optim.name=sgd", "train.device=cpu", "monitor.online_linear=false", *extra]
+    return load_config(None, tiny_overrides(root, out, *over))
 
 
 def _grads(trainer: Pretrainer) -> dict[str, torch.Tensor]:

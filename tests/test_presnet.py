@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import timm
 import torch
@@ -79,7 +77,7 @@ def test_small_inputs_and_width(one_thread, size, small):
 
 
 def test_narrow_presnet_trains_at_32_px(cifar_val_root, tmp_path):
-    from tests.test_train import tiny_cfg
+    from conftest import metric_rows, tiny_cfg
 
     cfg = tiny_cfg(
         cifar_val_root,
@@ -90,7 +88,7 @@ def test_narrow_presnet_trains_at_32_px(cifar_val_root, tmp_path):
         "model.kwargs={width: 0.125}",
     )
     run_dir = pretrain(cfg)
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
     losses = [rows[0][f"loss/s{k}"] for k in range(1, 7)]  # one loss per stage
     assert len(rows) == 1 and torch.isfinite(torch.tensor(losses)).all()
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)

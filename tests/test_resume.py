@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_train import tiny_cfg
+from conftest import tiny_cfg
 
 from loco import checkpoint as ckpt
 from loco import resume
@@ -89,6 +89,43 @@ def test_weights_start_a_new_schedule_in_a_new_run(cifar_val_root, done, tmp_pat
     into_old = tiny_cfg(cifar_val_root, done, f"train.resume=weights:{src}")
     with pytest.raises(LocoError, match="starts a new run, but .* already holds one"):
         Pretrainer(into_old).fit()
+
+
+def test_checkpoint_saved_with_a_stem_width_timm_ignored_resumes_and_evaluates(
+    cifar_val_root, done, tmp_path, caplog
+):
+    """Runs saved before loco refused ``model.kwargs.stem_width`` on a plain ResNet stem
+    (timm ignores it there: the same network) resume and evaluate without it, with a
+    one-line warning; where it shapes the stem (a deep stem) it stays."""
+    import shutil
+
+    from loco.config import ModelConfig
+    from loco.eval.network import load_backbone
+
+    old = tmp_path / "old"
+    shutil.copytree(done, old, symlinks=True)
+    path = RunDir(old).checkpoint.resolve()
+    state = ckpt.load(path)
+    state["config"]["model"]["kwargs"]["stem_width"] = 8  # as the quickstart once wrote
+    ckpt.atomic_save(state, path)
+
+    with caplog.at_level("WARNING", logger="loco.models"):
+        trainer = Pretrainer(tiny_cfg(cifar_val_root, old, "optim.max_steps=3"))
+        trainer.maybe_resume()
+        cfg, backbone, _ = load_backbone(path)
+    assert trainer.step == 3
+    assert "stem_width" not in cfg.model.kwargs
+    assert torch.equal(backbone.body.conv1.weight, state["backbone"]["conv1.weight"])
+    warnings = [r.getMessage() for r in caplog.records if "stem_width=8" in r.getMessage()]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    from loco.models.backbone import drop_ignored_kwargs
+
+    deep = ModelConfig(backbone="resnet18", kwargs={"stem_type": "deep", "stem_width": 16})
+    assert drop_ignored_kwargs(deep, "deep.pt") is deep
+    with pytest.raises(LocoError, match="remove stem_width"):  # in a config of one's own
+        Pretrainer(
+            tiny_cfg(cifar_val_root, old, "model.kwargs={channels: [8, 16, 32, 64], stem_width: 8}")
+        )
 
 
 # -- momentum (EMA) objectives ---------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import tiny_cfg
+from conftest import tiny_cfg
 
 from loco.cli import main
 from loco.config import Config, load_config

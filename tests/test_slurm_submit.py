@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_val_overrides
 
 from loco import checkpoint as ckpt
 from loco import stop
@@ -34,13 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "data.dataset=folder", f"data.root={root}", "data.train_split=val", "data.per_class=4",
-        "data.image_size=16", "data.num_workers=0", "optim.batch_size=8",
-        "model.kwargs={channels: [8, 16, 32, 64]}", "decoder.hidden_dim=64",
-        "decoder.out_dim=32", "train.progress=false", "train.log_every=1", "train.deterministic=true",
-        f"train.output_dir={out}", *extra,
-    ]  # fmt: skip
+    """Runs in their lr warm-up throughout: a resumed run must also resume the schedule."""
+    return tiny_val_overrides(root, out, "optim.warmup_epochs=10", *extra)
 
 
 def metric_steps(run_dir: Path) -> list[int]:

@@ -93,7 +93,7 @@ def test_balanced_split_covers_blocks_and_evens_resnet50():
 
 
 def test_balanced_cuts_are_kept_in_checkpoint_meta(cifar_val_root, tmp_path):
-    from tests.test_train import tiny_cfg
+    from conftest import tiny_cfg
 
     cfg = tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=1", "model.split=balanced:3")
     run_dir = pretrain(cfg)
@@ -106,8 +106,9 @@ def test_balanced_cuts_are_kept_in_checkpoint_meta(cifar_val_root, tmp_path):
 def test_resume_takes_the_checkpoints_cuts(cifar_val_root, tmp_path):
     """A resumed balanced run splits where its checkpoint says, not where a new measurement
     would (the measurement could change with the code or torch)."""
+    from conftest import tiny_cfg
+
     from loco.train import Pretrainer
-    from tests.test_train import tiny_cfg
 
     cfg = tiny_cfg(cifar_val_root, tmp_path / "r", "optim.max_steps=1", "model.split=balanced:3")
     run_dir = pretrain(cfg)
@@ -118,3 +119,37 @@ def test_resume_takes_the_checkpoints_cuts(cifar_val_root, tmp_path):
     state["meta"]["split_cuts"] = other
     ckpt.atomic_save(state, path.resolve())
     assert Pretrainer(cfg).method.backbone.cuts == other
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_and_export_cut_a_balanced_run_where_its_checkpoint_says(tmp_path):
+    """``loco eval`` (its random-init floor too) and ``loco export`` build a ``balanced:K``
+    run's modules from the checkpoint's ``meta.split_cuts``, not from a new measurement."""
+    from loco.eval.network import load_backbone
+    from loco.export import _stage_names, export_metadata
+    from loco.weights import read_weights
+
+    cfg = load_config(
+        None,
+        [
+            "model.kwargs={channels: [8, 16, 32, 64]}",
+            "data.image_size=16",
+            "model.split=balanced:3",
+        ],
+    )
+    measured = build_backbone(cfg.model, 16)
+    other = [1, 2] if measured.cuts != [1, 2] else [2, 3]
+    torch.manual_seed(0)
+    trained = build_backbone(cfg.model, 16, cuts=other)
+    path = tmp_path / "checkpoint.pt"
+    meta = {"method": "loco", "split_cuts": other}
+    state = {"backbone": trained.body.state_dict(), "config": cfg.to_dict(), "meta": meta}
+    ckpt.atomic_save({**state, "step": 1}, path)
+
+    _, backbone, _ = load_backbone(path)
+    assert backbone.cuts == other and backbone.block_costs is None  # nothing measured
+    assert torch.equal(backbone.body.conv1.weight, trained.body.conv1.weight)
+    assert load_backbone(path, random_init=True)[1].cuts == other
+    assert load_backbone(path, overrides=["model.split=stages"])[1].num_modules == 4
+    stages = export_metadata(read_weights(path), state["config"])["stages"]
+    assert stages == _stage_names(trained) != _stage_names(measured)

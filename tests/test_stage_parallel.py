@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_cfg
 
 from loco.config import Config
 from loco.methods import build_method
@@ -232,32 +233,6 @@ def test_pipelined_loco_follows_the_stated_schedule(tmp_path):
 
 
 # -- the trainer: torchrun-style environment, real images, checkpoints ------------------------
-def tiny_cfg(root, out, *extra) -> Config:
-    from loco.config import load_config
-
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.dataset=folder",
-            "data.train_split=val",
-            "data.per_class=4",
-            "data.image_size=16",
-            "data.num_workers=0",
-            "optim.batch_size=8",
-            "optim.warmup_epochs=0",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "train.log_every=1",
-            "train.deterministic=true",
-            "model.kwargs={channels: [8, 16, 32, 64]}",
-            "decoder.hidden_dim=64",
-            "decoder.out_dim=32",
-            *extra,
-        ],
-    )
-
-
 def _poison(rank: int, poison: dict[str, int] | None) -> None:
     """Sabotage rank 1 (stage S2) at a given batch (0 = the first): ``inf_grad`` puts an inf
     into one gradient entry before the update (an fp16 overflow); ``nan_weight`` a NaN into

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import tiny_val_overrides
 
 from loco import checkpoint as ckpt
 from loco.config import load_config
@@ -27,13 +28,8 @@ STEPS = 20
 
 
 def tiny(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "data.dataset=folder", f"data.root={root}", "data.train_split=val", "data.per_class=4",
-        "data.image_size=16", "optim.batch_size=8", "optim.warmup_epochs=0",
-        "model.kwargs={channels: [8, 16, 32, 64]}", "decoder.hidden_dim=64",
-        "decoder.out_dim=32", "train.progress=false", "train.log_every=1",
-        "train.deterministic=true", f"train.output_dir={out}", *extra,
-    ]  # fmt: skip
+    """With loader worker processes, which a stop must also end."""
+    return tiny_val_overrides(root, out, "data.num_workers=2", *extra)
 
 
 def loco(argv: list[str], log: Path) -> subprocess.Popen:
@@ -78,7 +74,7 @@ def test_sigterm_to_the_group_saves_the_step_and_resumes_exactly(
     pretrain(full)
 
     run = tmp_path / "part"
-    argv = tiny(cifar_val_root, run, f"optim.max_steps={STEPS}", "data.num_workers=2")
+    argv = tiny(cifar_val_root, run, f"optim.max_steps={STEPS}")
     log = tmp_path / "part.log"
     proc = loco(["pretrain", *argv], log)
     wait_for(lambda: len(steps(run)) >= 2, proc, log)

@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 import torch
+from conftest import metric_rows, tiny_cfg
 
 from loco import checkpoint as ckpt
-from loco.config import load_config
 from loco.errors import LocoError
 from loco.train import Pretrainer, pretrain
-
-TINY = [
-    "model.kwargs={channels: [8, 16, 32, 64]}",
-    "decoder.hidden_dim=64",
-    "decoder.out_dim=32",
-]
-
-
-def tiny_cfg(root, out, *extra):
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "data.dataset=folder",
-            "data.train_split=val",
-            "data.per_class=4",
-            "data.image_size=16",
-            "data.num_workers=0",
-            "optim.batch_size=8",
-            "optim.warmup_epochs=0",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "train.log_every=1",
-            "train.deterministic=true",
-            *TINY,
-            *extra,
-        ],
-    )
 
 
 def weights(run_dir):
@@ -89,10 +60,7 @@ def test_resume_after_sigterm_equals_uninterrupted(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    steps = [
-        json.loads(line)["step"]
-        for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    ]
+    steps = [row["step"] for row in metric_rows(tmp_path / "part")]
     assert steps == list(range(1, 9)), "metrics must have each step exactly once"
 
 
@@ -108,9 +76,7 @@ def test_loss_falls_on_real_images(cifar_val_root, tmp_path):
         "optim.weight_decay=0",
     )
     pretrain(cfg)
-    rows = [
-        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = metric_rows(tmp_path / "run")
     first = sum(r["loss/s4"] for r in rows[:5]) / 5
     last = sum(r["loss/s4"] for r in rows[-5:]) / 5
     assert last < first - 0.05, (first, last)
@@ -161,9 +127,7 @@ def test_knn_monitor_and_online_probe_are_logged(cifar_val_root, tmp_path):
         "data.val_split=val",
     )
     pretrain(cfg)
-    rows = [
-        json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = metric_rows(tmp_path / "m")
     assert 0.0 <= rows[-1]["monitor/knn_top1"] <= 100.0
     assert {"online/acc", "online/loss", "lr", "img_per_s", "peak_mem_mb"} <= rows[-1].keys()
 

@@ -756,3 +756,41 @@ def test_convert_refuses_what_stock_detectron2_rejects(tmp_path: Path, capsys):
         cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 18, 16
         with pytest.raises(AssertionError, match="RES2_OUT_CHANNELS = 64"):
             build_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+@needs_d2
+def test_prefix_picks_the_backbone_of_a_foreign_checkpoint(tmp_path):
+    """A DINO-style file holds a teacher and a student backbone: ``loco transfer`` takes the
+    teacher, as ``loco eval`` does, and the student with ``--prefix`` (kept in the config)."""
+    import timm
+    from detectron2.layers import ShapeSpec
+
+    from loco.cli import build_parser
+    from loco.transfer.backbone import build_loco_backbone
+    from loco.transfer.train import _cfg_from_args
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet18", num_classes=0).state_dict()
+    student = {k: v + 1 if v.is_floating_point() else v for k, v in teacher.items()}
+    dino = tmp_path / "dino.pth"
+    torch.save(
+        {
+            "teacher": {f"backbone.{k}": v for k, v in teacher.items()},
+            "student": {f"module.backbone.{k}": v for k, v in student.items()},
+        },
+        dino,
+    )
+    head = ["transfer", "eval", "--config", "tiny_cpu", "--checkpoint", str(dino)]
+    tail = ["MODEL.LOCO.BACKBONE", "resnet18"]  # Detectron2 overrides come last
+
+    def cfg_of(*extra: str):
+        args = build_parser("transfer").parse_args([*head, *extra, *tail])
+        return _cfg_from_args(args, args.config, train=False)
+
+    for extra, expected in (([], teacher), (["--prefix", "student.module.backbone."], student)):
+        cfg = cfg_of(*extra)
+        body = build_loco_backbone(cfg, ShapeSpec(channels=3)).body
+        assert torch.equal(body.conv1.weight, expected["conv1.weight"]), extra
+        assert cfg.MODEL.LOCO.PREFIX == (extra[1] if extra else None)
+    with pytest.raises(LocoError, match="--prefix 'nope.' matches no key"):
+        cfg_of("--prefix", "nope.")

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
+from conftest import metric_rows, tiny_overrides
 
 from loco.config import load_config
 from loco.data.loaders import build_eval_loader, build_pretrain_loader, pretrain_images
 from loco.errors import LocoError
 from loco.train import pretrain
 
-TINY = [
-    "model.kwargs={channels: [8, 16, 32, 64]}",
-    "decoder.hidden_dim=32",
-    "decoder.out_dim=16",
-    "data.image_size=16",
-    "data.num_workers=0",
-    "optim.batch_size=8",
-    "optim.max_steps=2",
-    "optim.warmup_epochs=0",
-    "train.progress=false",
-    "train.log_every=1",
-    "monitor.knn_every=1",
-]
+TINY = tiny_overrides(None, None, "optim.max_steps=2", "monitor.knn_every=1")
 
 
 def _real_images(cifar_val_root: Path, n: int) -> list[Path]:
@@ -50,20 +38,14 @@ def flat_folder(cifar_val_root: Path, tmp_path: Path) -> Path:
 
 def test_flat_folder_pretrains_with_monitors_off(flat_folder, tmp_path, caplog):
     cfg = load_config(
-        None,
-        [
-            "data.dataset=folder",
-            f"data.root={flat_folder}",
-            f"train.output_dir={tmp_path / 'run'}",
-            *TINY,
-        ],
+        None, [f"data.root={flat_folder}", f"train.output_dir={tmp_path / 'run'}", *TINY]
     )
     dataset = pretrain_images(cfg)
     assert len(dataset) == 20 and dataset.classes == []
     with caplog.at_level(logging.INFO, logger="loco.train"):
         run = pretrain(cfg)
     assert "online linear probe and kNN monitor are off" in caplog.text
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run)
     assert [r["step"] for r in rows if "loss/s4" in r] == [1, 2]
     assert not any(k.startswith(("probe/", "monitor/")) for r in rows for k in r)
 
@@ -77,7 +59,7 @@ def test_nested_folder_without_classes_needs_labels_false(cifar_val_root, tmp_pa
         dest = root / "train" / f"shard{i % 3}" / f"part{i % 2}"
         dest.mkdir(parents=True, exist_ok=True)
         os.symlink(path, dest / f"{i}.jpg")
-    base = ["data.dataset=folder", f"data.root={root}", *TINY]
+    base = [f"data.root={root}", *TINY]
     labelled = pretrain_images(load_config(None, base))
     assert labelled.classes == ["shard0", "shard1", "shard2"]
     unlabelled = pretrain_images(load_config(None, [*base, "data.labels=false"]))
@@ -98,9 +80,7 @@ def test_list_file_of_paths(flat_folder, tmp_path):
         + "\n".join(str(flat_folder / n) for n in names[6:])
         + "\n"
     )
-    cfg = load_config(
-        None, ["data.dataset=folder", f"data.list={listing}", f"data.root={flat_folder}", *TINY]
-    )
+    cfg = load_config(None, [f"data.list={listing}", f"data.root={flat_folder}", *TINY])
     dataset = pretrain_images(cfg)
     assert [os.path.basename(dataset.path(i)) for i in range(len(dataset))] == names
     views, labels, bad = next(iter(build_pretrain_loader(cfg)))
@@ -110,10 +90,10 @@ def test_list_file_of_paths(flat_folder, tmp_path):
 def test_list_file_errors_are_one_line(tmp_path):
     listing = tmp_path / "train.txt"
     listing.write_text("missing.jpg\n")
-    cfg = load_config(None, ["data.dataset=folder", f"data.list={listing}", *TINY])
+    cfg = load_config(None, [f"data.list={listing}", *TINY])
     with pytest.raises(LocoError, match="paths do not exist, e.g. '.*missing.jpg'"):
         pretrain_images(cfg)
-    cfg = load_config(None, ["data.dataset=folder", f"data.list={tmp_path / 'nope.txt'}", *TINY])
+    cfg = load_config(None, [f"data.list={tmp_path / 'nope.txt'}", *TINY])
     with pytest.raises(LocoError, match="not found"):
         pretrain_images(cfg)
 

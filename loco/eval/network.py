@@ -16,9 +16,9 @@ import torch
 
 from loco.config import Config, _merge, _parse_override, config_from_dict
 from loco.errors import LocoError
-from loco.models.backbone import StagedBackbone, build_backbone
+from loco.models.backbone import StagedBackbone
 from loco.rundir import RunDir
-from loco.weights import WeightsSource, load_into, read_weights
+from loco.weights import WeightsSource, read_weights
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
@@ -70,8 +70,7 @@ def load_backbone(
         source.model_config(None)  # raises: a plain state dict needs --backbone
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = build_backbone(cfg.model, cfg.data.image_size)
-    load_into(backbone.body, source)
+        backbone = source.build_backbone(cfg.model, cfg.data.image_size)
     return cfg, backbone, source
 
 

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import timm
 import torch
@@ -480,18 +480,51 @@ class _RngState:
             yield
 
 
-def _reject_ignored_kwargs(model: nn.Module, cfg: ModelConfig) -> None:
+def _stem_width_ignored(model: nn.Module, cfg: ModelConfig) -> bool:
     """timm accepts some arguments it then ignores; a config that sets one describes a network
-    that is not the one built. Rejected where detectable: ``stem_width`` on a ResNet whose stem
-    is the single 7x7 conv (always 64 channels; timm reads stem_width only for deep stems)."""
-    if "stem_width" in cfg.kwargs and isinstance(model, timm.models.resnet.ResNet):
-        if isinstance(model.conv1, nn.Conv2d):
-            raise LocoError(
-                f"model.kwargs.stem_width={cfg.kwargs['stem_width']} has no effect on "
-                f"'{cfg.backbone}': timm uses it only with a deep stem (stem_type: deep or "
-                "deep_tiered), the plain stem has 64 channels; remove stem_width (for a "
-                "checkpoint saved with it, override model.kwargs without it: same network)"
+    that is not the one built. Detectable: ``stem_width`` on a ResNet whose stem is the single
+    7x7 conv (always 64 channels; timm reads stem_width only for deep stems)."""
+    return (
+        "stem_width" in cfg.kwargs
+        and isinstance(model, timm.models.resnet.ResNet)
+        and isinstance(model.conv1, nn.Conv2d)
+    )
+
+
+def _reject_ignored_kwargs(model: nn.Module, cfg: ModelConfig) -> None:
+    if _stem_width_ignored(model, cfg):
+        raise LocoError(
+            f"model.kwargs.stem_width={cfg.kwargs['stem_width']} has no effect on "
+            f"'{cfg.backbone}': timm uses it only with a deep stem (stem_type: deep or "
+            "deep_tiered), the plain stem has 64 channels; remove stem_width (the same network; "
+            "a checkpoint saved with it loads without it)"
+        )
+
+
+def drop_ignored_kwargs(cfg: ModelConfig, source: str) -> ModelConfig:
+    """``cfg`` (a checkpoint's saved model section) without the ``kwargs`` timm ignored for it,
+    each dropped with a one-line warning: checkpoints saved before loco refused them hold the
+    same network, so they still resume, evaluate and transfer. Other configs: ``cfg`` itself."""
+    if "stem_width" not in cfg.kwargs:  # the one such key: nothing to build for the rest
+        return cfg
+    try:
+        with torch.device("meta"):  # the architecture alone: no memory, no initialisation
+            model = timm.create_model(
+                cfg.backbone, num_classes=0, pretrained=False, **timm_kwargs(cfg, 224)
             )
+    except Exception:  # noqa: BLE001 - building it for real reports the problem
+        return cfg
+    if not _stem_width_ignored(model, cfg):
+        return cfg
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "stem_width"}
+    log.warning(
+        "%s: dropped model.kwargs.stem_width=%s from its saved config: timm ignores it for "
+        "the plain stem of '%s' (the same network and weights)",
+        source,
+        cfg.kwargs["stem_width"],
+        cfg.backbone,
+    )
+    return replace(cfg, kwargs=kwargs)
 
 
 def _check_every_parameter_trained(model: nn.Module, units: list[Unit], name: str) -> None:

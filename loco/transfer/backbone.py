@@ -1,15 +1,18 @@
 """A loco backbone (any timm model) as a Detectron2 ``Backbone``, with FPN on top.
 
-The timm model is built and split by :func:`loco.models.backbone.build_backbone` with
-``split="stages"``; each stage becomes one output named after its stride (``res2`` at
-stride 4 ... ``res5`` at 32), so stock FPN / RPN / ROI-head configs work unchanged. The
-weights are the ``backbone`` entry of a loco checkpoint of any method (or a plain timm /
-torchvision state dict), read by :func:`loco.weights.read_weights`.
+The timm model is built and split by :meth:`loco.weights.WeightsSource.build_backbone`
+(the one builder of a checkpoint's network) with ``split="stages"``; each stage becomes
+one output named after its stride (``res2`` at stride 4 ... ``res5`` at 32), so stock
+FPN / RPN / ROI-head configs work unchanged. The weights are the ``backbone`` entry of a
+loco checkpoint of any method (or a plain timm / torchvision state dict), read by
+:func:`loco.weights.read_weights`.
 
 Config keys (``add_loco_config``)::
 
     MODEL.LOCO.CHECKPOINT                   loco checkpoint; "" = random init (scratch)
     MODEL.LOCO.BACKBONE                     timm name when the checkpoint holds no config
+    MODEL.LOCO.PREFIX                       backbone key prefix in a foreign checkpoint
+                                            (None: found by its key names; --prefix)
     MODEL.LOCO.NORM                         FrozenBN | BN | SyncBN for the backbone's BatchNorm
     MODEL.LOCO.OUT_FEATURES                 ["res2", "res3", "res4", "res5"]
     MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT  set PIXEL_MEAN/STD, INPUT.FORMAT=RGB from it
@@ -38,11 +41,10 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.utils import comm
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 
-from loco.checkpoint import load_backbone_weights
 from loco.config import Config, DataConfig, ModelConfig
 from loco.errors import LocoError
-from loco.models.backbone import StagedBackbone, build_backbone
-from loco.weights import read_weights
+from loco.models.backbone import StagedBackbone
+from loco.weights import WeightsSource, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def add_loco_config(cfg: CfgNode) -> CfgNode:
     cfg.MODEL.LOCO = CfgNode()
     cfg.MODEL.LOCO.CHECKPOINT = ""
     cfg.MODEL.LOCO.BACKBONE = "resnet50"
+    cfg.MODEL.LOCO.PREFIX = None
     cfg.MODEL.LOCO.NORM = "FrozenBN"
     cfg.MODEL.LOCO.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT = True
@@ -78,20 +81,25 @@ class LocoCheckpoint:
     mean: list[float]  # RGB, 0..1 scale
     std: list[float]
     method: str
-    state: dict[str, torch.Tensor] | None  # timm weights; None = random init
+    weights: WeightsSource  # timm weights (state None: random init), what builds them
     source: str
 
 
-def read_loco_checkpoint(path: str, backbone: str = "resnet50") -> LocoCheckpoint:
-    """Read a loco checkpoint (``backbone`` + ``config``) or a plain timm state dict.
+def read_loco_checkpoint(cfg: CfgNode) -> LocoCheckpoint:
+    """The weights ``MODEL.LOCO`` names: a loco checkpoint (``backbone`` + ``config``), or a
+    foreign one (its backbone under ``PREFIX``, the architecture ``BACKBONE``).
 
-    ``path=""`` gives a randomly initialised ``backbone`` with ImageNet statistics.
+    ``CHECKPOINT=""`` gives a randomly initialised ``BACKBONE`` with ImageNet statistics.
     """
+    path, prefix = cfg.MODEL.LOCO.CHECKPOINT, cfg.MODEL.LOCO.get("PREFIX")
     data = DataConfig()
-    plain = ModelConfig(backbone=backbone, small_image="false")
+    plain = ModelConfig(backbone=cfg.MODEL.LOCO.BACKBONE, small_image="false")
     if not path:
-        return LocoCheckpoint(plain, 224, data.mean, data.std, "random-init", None, "random init")
-    source = read_weights(path)
+        scratch = read_weights(None, random_init=True)
+        return LocoCheckpoint(
+            plain, 224, data.mean, data.std, "random-init", scratch, "random init"
+        )
+    source = read_weights(path, prefix=prefix)
     cfg = source.config or Config(model=plain)  # plain state dict: MODEL.LOCO.BACKBONE
     return LocoCheckpoint(
         cfg.model,
@@ -99,7 +107,7 @@ def read_loco_checkpoint(path: str, backbone: str = "resnet50") -> LocoCheckpoin
         list(cfg.data.mean),
         list(cfg.data.std),
         source.method,
-        source.state,
+        source,
         path,
     )
 
@@ -123,9 +131,7 @@ def build_staged(source: LocoCheckpoint) -> StagedBackbone:
         sync_bn=False,
         drop_path_rate=0.0,
     )
-    staged = build_backbone(model_cfg, PROBE_SIZE)
-    if source.state is not None:
-        load_backbone_weights(staged.body, source.state, source.source)
+    staged = source.weights.build_backbone(model_cfg, PROBE_SIZE)
     if small:
         body = staged.body
         if not (isinstance(getattr(body, "conv1", None), nn.Conv2d) and hasattr(body, "maxpool")):
@@ -302,7 +308,7 @@ def build_loco_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> LocoBackbone:
     """``MODEL.BACKBONE.NAME: build_loco_backbone``: the loco backbone alone."""
     if input_shape.channels != 3:
         raise LocoError(f"loco backbones take 3-channel images, not {input_shape.channels}")
-    source = read_loco_checkpoint(cfg.MODEL.LOCO.CHECKPOINT, cfg.MODEL.LOCO.BACKBONE)
+    source = read_loco_checkpoint(cfg)
     log.info(
         "backbone: %s (%s) from %s, FREEZE_AT=%d, norm %s",
         source.model.backbone,

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="loco checkpoint (any method) or a timm state dict")
     p.add_argument(
+        "--prefix",
+        help="key prefix of the backbone in another toolkit's checkpoint, as for loco eval "
+        "(e.g. student.module.backbone. for DINO's student; sets MODEL.LOCO.PREFIX)",
+    )
+    p.add_argument(
         "--output-dir",
         help="Detectron2 OUTPUT_DIR (default: RUN/transfer/<config> beside the checkpoint's "
         "run, else runs/transfer/<config>, or ~/loco-runs/transfer/<config> when run from "

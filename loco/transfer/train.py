@@ -122,7 +122,7 @@ def _world_fallbacks(cfg: CfgNode) -> None:
 
 
 def _apply_checkpoint(cfg: CfgNode) -> None:
-    source = read_loco_checkpoint(cfg.MODEL.LOCO.CHECKPOINT, cfg.MODEL.LOCO.BACKBONE)
+    source = read_loco_checkpoint(cfg)
     cfg.MODEL.LOCO.BACKBONE = source.model.backbone
     if not cfg.MODEL.LOCO.PIXEL_STATS_FROM_CHECKPOINT:
         return
@@ -160,6 +160,7 @@ def setup_cfg(
     checkpoint: str | None = None,
     opts: Sequence[str] = (),
     *,
+    prefix: str | None = None,
     train_json: str | None = None,
     train_images: str | None = None,
     val_json: str | None = None,
@@ -182,6 +183,8 @@ def setup_cfg(
         raise LocoError(f"bad override in {list(opts)}: {exc}") from None
     if checkpoint:  # absolute, so the saved config.yaml works from any directory
         cfg.MODEL.LOCO.CHECKPOINT = str(Path(checkpoint).resolve())
+    if prefix is not None:
+        cfg.MODEL.LOCO.PREFIX = prefix
     if output_dir:
         cfg.OUTPUT_DIR = str(output_dir)
     for name, json_file, images in cfg.DATASETS.LOCO_FILES:  # from a saved config.yaml
@@ -344,7 +347,7 @@ def result_rows(
     if any(task in results for task in ("bbox", "segm")):
         results = {cfg.DATASETS.TEST[0]: results}
     path = cfg.MODEL.LOCO.CHECKPOINT
-    source = read_loco_checkpoint(path, cfg.MODEL.LOCO.BACKBONE)
+    source = read_loco_checkpoint(cfg)
     checkpoint_id = ckpt.file_hash(path) if path else "random-init"
     counts = [_n_images(n) for n in cfg.DATASETS.TRAIN]
     n_train = None if None in counts else sum(counts)
@@ -416,6 +419,7 @@ def _cfg_from_args(args: argparse.Namespace, config: str | Path, train: bool) ->
         config,
         args.checkpoint,
         args.opts,
+        prefix=args.prefix,
         train_json=getattr(args, "train_json", None),
         train_images=getattr(args, "train_images", None),
         val_json=args.val_json,
