@@ -241,6 +241,12 @@ def test_objective_options_belong_to_their_objective():
         load_config(None, ["method.objective=boyl"])
     with pytest.raises(LocoError, match="momentum .* train.stage_parallel=1"):
         load_config(None, ["method.objective=byol", "train.stage_parallel=2"])
+    with pytest.raises(
+        LocoError, match=r"objective.byol.base_momentum must be in \[0, 1\], got 1.5"
+    ):
+        load_config(None, ["method.objective=byol", "objective.byol.base_momentum=1.5"])
+    with pytest.raises(LocoError, match="objective.vicreg.cov_coeff must be >= 0"):
+        load_config(None, ["method.objective=vicreg", "objective.vicreg.cov_coeff=-1"])
     with pytest.raises(LocoError, match="mocov3.temperature must be > 0"):
         load_config(None, ["method.objective=mocov3", "objective.mocov3.temperature=0"])
     # defaults never count as set, and an objective's own options are accepted

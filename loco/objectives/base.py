@@ -131,6 +131,12 @@ def check_objective_config(cfg: Config) -> None:
                 f"option of {owner}; remove it or set method.objective={owner}"
             )
     cls = OBJECTIVES[name]
+    options = getattr(cfg.objective, name, None)
+    for f in dataclasses.fields(options) if options is not None else ():
+        value = getattr(options, f.name)
+        if value < 0 or (f.name == "base_momentum" and value > 1):
+            bound = "in [0, 1]" if f.name == "base_momentum" else ">= 0"
+            raise LocoError(f"objective.{name}.{f.name} must be {bound}, got {value}")
     if cls.momentum and cfg.train.stage_parallel > 1:
         raise LocoError(
             f"method.objective={name} keeps a momentum (EMA) network, which the stage-parallel "
