@@ -159,6 +159,14 @@ def progress_bar(cfg: Config, total: int, initial: int, desc: str, is_main: bool
     )
 
 
+def show_losses(bar: tqdm, values: dict[str, float]) -> None:
+    """The progress bar's postfix: every local loss and the throughput of a metrics row."""
+    losses = {
+        k.replace("loss/", ""): f"{v:.3f}" for k, v in values.items() if k.startswith("loss/")
+    }
+    bar.set_postfix(losses | {"img/s": f"{values['img_per_s']:.0f}"})
+
+
 class MetricsWriter:
     """JSONL metrics (always) and TensorBoard events (when tensorboard is installed)."""
 
@@ -461,14 +469,7 @@ class Pretrainer:
                     values["peak_mem_mb"] = peak_memory_mb(self.device)
                     t_last, n_last = now, self.step
                     self.metrics.write(self.step, values)
-                    bar.set_postfix(
-                        {
-                            k.replace("loss/", ""): f"{v:.3f}"
-                            for k, v in values.items()
-                            if k.startswith("loss/")
-                        }
-                        | {"img/s": f"{values['img_per_s']:.0f}"}
-                    )
+                    show_losses(bar, values)
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 if (
                     self.step == self.total_steps

@@ -283,6 +283,17 @@ def render(summary: dict[str, Any], section: Section = SECTIONS["methods"]) -> s
     return Template(template.read_text()).substitute(fields)
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (110 dpi, parent folders made) and close a report figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: dict[str, Any], path: Path) -> Path | None:
     methods = {n: m for n, m in summary["methods"].items() if m.get("knn")}
     if not methods:
@@ -332,8 +343,4 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
         f"steps x batch {p['batch']}; mean ± std over seeds {','.join(map(str, p['seeds']))}",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

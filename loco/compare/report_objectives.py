@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loco.compare.plan import FLOOR
-from loco.compare.report import _cell, _s4, status_text, top1_tables
+from loco.compare.report import _cell, _s4, save_figure, status_text, top1_tables
 from loco.compare.sections import OBJECTIVES, ROUTINGS, Section
 
 # collapse floor: mean per-dimension std of the L2-normalised last-stage features, x sqrt(dim)
@@ -213,8 +213,4 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("top-1 (%), mean ± std over seeds")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

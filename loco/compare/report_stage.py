@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from loco.compare.report import compare_sentence, status_text, top1_tables
+from loco.compare.report import compare_sentence, save_figure, status_text, top1_tables
 from loco.compare.sections import STAGE_SPLIT, Section
 
 SCHEDULES = {"loco_sync": "sync", "loco_pipelined": "pipelined"}
@@ -155,8 +155,4 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
         f"{','.join(map(str, p['seeds']))}",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

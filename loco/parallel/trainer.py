@@ -367,14 +367,7 @@ class StagePretrainer:
                         values["peak_mem_mb"] = max(peaks, default=self.peak_mb())
                         t_last, n_last = now, self.step
                         self.metrics.write(self.step, values)
-                        bar.set_postfix(
-                            {
-                                k.replace("loss/", ""): f"{v:.3f}"
-                                for k, v in values.items()
-                                if k.startswith("loss/")
-                            }
-                            | {"img/s": f"{values['img_per_s']:.0f}"}
-                        )
+                        single.show_losses(bar, values)
                 if (
                     end
                     or self.step % cfg.train.ckpt_every == 0
