@@ -147,6 +147,20 @@ def take_run_lock(run_dir: Path, is_main: bool) -> RunLock | None:
     return lock
 
 
+def finish(trainer: Any, bar: tqdm) -> Path:
+    """The end of a completed run: close the bar, name the unreadable images that were
+    skipped, close the metrics; returns the run directory."""
+    bar.close()
+    if trainer.skipped_count:
+        log.warning(
+            "skipped %d unreadable images (first: %s)",
+            trainer.skipped_count,
+            ", ".join(trainer.skipped_images),
+        )
+    trainer.metrics.close()
+    return trainer.run_dir
+
+
 def progress_bar(cfg: Config, total: int, initial: int, desc: str, is_main: bool) -> tqdm:
     """The pretraining progress bar (rank 0 only, ``train.progress``), on stderr."""
     return tqdm(
@@ -488,15 +502,7 @@ class Pretrainer:
             request_stop(None)  # consumed (or moot: the run is complete)
             if stopped and self.step < self.total_steps:
                 leave_stopped(self, stopped, last_saved, bar)
-        bar.close()
-        if self.skipped_count:
-            log.warning(
-                "skipped %d unreadable images (first: %s)",
-                self.skipped_count,
-                ", ".join(self.skipped_images),
-            )
-        self.metrics.close()
-        return self.run_dir
+        return finish(self, bar)
 
     def check_health(self, losses: dict[str, float]) -> None:
         """Before the optimizer step, all ranks agree whether to go on: a non-finite loss on

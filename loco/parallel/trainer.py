@@ -381,15 +381,7 @@ class StagePretrainer:
             if stopped and self.step < self.total_steps:
                 single.leave_stopped(self, stopped, last_saved, bar)
         self.engine.drain()
-        bar.close()
-        if self.skipped_count:
-            log.warning(
-                "skipped %d unreadable images (first: %s)",
-                self.skipped_count,
-                ", ".join(self.skipped_images),
-            )
-        self.metrics.close()
-        return self.run_dir
+        return single.finish(self, bar)
 
     def check_health(self, stop_reason: str | None) -> str | None:
         """All ranks agree, after each step: a lost run lock or a non-finite loss (of the
