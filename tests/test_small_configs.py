@@ -236,7 +236,20 @@ def test_objectives_section_reuses_the_methods_runs(tmp_path):
     )
     assert run_dir(obj, FLOOR, 0) == run_dir(methods, FLOOR, 0)
     assert run_dir(obj, "loco_byol", 0) == runs / "compare_objectives" / "loco_byol" / "seed0"
-    assert ("pretrain", "greedy_vicreg", 1) in jobs(obj) and len(jobs(obj)) == 2 * (1 + 9 * 2)
+    assert ("pretrain", "greedy_vicreg", 1) in jobs(obj)
+    # per seed: floor + 9 grid rows x (pretrain, eval); seed 0 also the 10 other pairs
+    assert len(jobs(obj)) == 2 * (1 + 9 * 2) + 10 * 2
+    pairs = {n for kind, n, seed in jobs(obj) if kind == "pretrain" and seed == 0} - {
+        n for kind, n, seed in jobs(obj) if kind == "pretrain" and seed == 1
+    }
+    assert pairs == {
+        *(f"{r}_{o}" for r in ("e2e", "greedy", "loco", "infopro") for o in ("mocov3", "barlow")),
+        "infopro_byol",
+        "infopro_vicreg",
+    }
+    for name in pairs:  # every pair's config loads: the routing and objective it names
+        cfg = pretrain_config(obj, name, 0)
+        assert f"{cfg.method.name}_{cfg.method.objective}" == name
     assert "method.objective=vicreg" in pretrain_overrides(obj, "greedy_vicreg", 1)
     for routing in ("e2e", "greedy", "loco"):
         assert not any(
@@ -343,3 +356,28 @@ def test_sections_regenerate_alone_and_stage_parallel_runs(
     assert capsys.readouterr().out.count("done, skipped") == 2
     assert (rd / "checkpoint.pt").stat().st_mtime == mtime
     assert blocks((docs / "results.md").read_text())["methods"] == again["methods"]
+
+
+def test_objectives_pair_grid_reports_every_pair_and_collapse():
+    """The every-pair table: a cell per routing x objective from seed 0's last stage, its
+    margin over the seed-0 floor, and NO for a collapsed spread or no margin."""
+    from loco.compare.report_objectives import SPREAD_FLOOR, pair_grid
+
+    def run(knn: float, spread: float) -> dict:
+        return {"seeds": {"0": {"knn": {"4": knn}, "feature_spread": {"mean": spread}}}}
+
+    summary = {
+        "methods": {
+            "random_init": {"seeds": {"0": {"knn": {"4": 26.0}}}},
+            "loco_barlow": run(33.25, 0.4),
+            "greedy_mocov3": run(31.0, SPREAD_FLOOR / 2),  # collapsed spread
+            "infopro_byol": run(26.5, 0.3),  # not above the floor
+        }
+    }
+    rows = {r.split("|")[1].strip(): r.split("|")[2:-1] for r in pair_grid(summary)[2:]}
+    assert set(rows) == {"`e2e`", "`greedy`", "`loco`", "`infopro`"}
+    assert rows["`loco`"][3].strip() == "33.2 (0.40, floor +7.2) ok"
+    assert rows["`greedy`"][1].strip().endswith("**NO**")
+    assert rows["`infopro`"][2].strip() == "26.5 (0.30, floor +0.5) **NO**"
+    assert rows["`e2e`"][1].strip() == "-"
+    assert "methods section" in rows["`infopro`"][0]

@@ -482,7 +482,9 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
         if not args.no_floor:
             out.append(("eval", FLOOR, seed))
         for name in args.methods:
-            out += [("pretrain", name, seed), ("eval", name, seed)]
+            only = variant(args, name).seeds  # rows trained at some seeds only
+            if only is None or seed in only:
+                out += [("pretrain", name, seed), ("eval", name, seed)]
         if not args.no_reference:
             out += [("pretrain", REFERENCE, seed), ("eval", REFERENCE, seed)]
     return out

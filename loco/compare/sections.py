@@ -24,6 +24,11 @@ VARIANTS: dict[str, str] = {
 }
 ROUTINGS = ("e2e", "greedy", "loco")
 OBJECTIVES = ("simclr", "byol", "vicreg")
+# every routing x every objective: the pairs outside the grid above train once (seed 0) as
+# the collapse check; (infopro, simclr) is the methods section's infopro row
+ALL_ROUTINGS = (*ROUTINGS, "infopro")
+ALL_OBJECTIVES = ("simclr", "mocov3", "byol", "barlow", "vicreg")
+OBJECTIVE_COST = {"mocov3": 1.5, "byol": 1.5, "barlow": 1.05, "vicreg": 1.05}  # x simclr, ETA
 SCHEDULES = ("sync", "pipelined")
 # the stage-parallel rows' split: quarter-width ResNet-18 cut after block 3 = 52/48 % of the
 # FLOPs (docs/bench.md, "Stage parallelism"; split=2 would be 62/38 %)
@@ -43,6 +48,7 @@ class Variant:
     home: str | None = None  # the section whose runs folder holds this row (shared runs)
     folder: str | None = None  # its folder there (default: name)
     cost: float | None = None  # ETA prior per step, x e2e, until measured
+    seeds: tuple[int, ...] | None = None  # trained at these of the section's seeds only
 
     @property
     def dir_name(self) -> str:
@@ -135,32 +141,48 @@ def _stage_parallel() -> Section:
     )
 
 
-def objective_variant(routing: str, objective: str) -> Variant:
+def objective_variant(
+    routing: str, objective: str, seeds: tuple[int, ...] | None = None
+) -> Variant:
     about = f"{VARIANTS[routing].split(';')[0].split(',')[0]}, objective {objective}"
     if objective == "simclr":  # today's runs: the methods section's, reused
         return Variant(
-            f"{routing}_simclr", routing, about, home="methods", folder=routing, cost=None
+            f"{routing}_simclr", routing, about, home="methods", folder=routing, seeds=seeds
         )
     return Variant(
         f"{routing}_{objective}",
         routing,
         about,
         overrides=(f"method.objective={objective}",),
-        cost={"byol": 1.5, "vicreg": 1.05}.get(objective),
+        cost=OBJECTIVE_COST[objective] * (2.1 if routing == "infopro" else 1.0),
+        seeds=seeds,
+    )
+
+
+def pair_rows() -> tuple[Variant, ...]:
+    """The (routing, objective) pairs outside the 2-seed grid, seed 0 only: every objective
+    trains under every routing, checked for collapse at the same protocol."""
+    grid = {(r, o) for r in ROUTINGS for o in OBJECTIVES}
+    return tuple(
+        objective_variant(r, o, seeds=(0,))
+        for o in ALL_OBJECTIVES
+        for r in ALL_ROUTINGS
+        if (r, o) not in grid and (r, o) != ("infopro", "simclr")
     )
 
 
 def _objectives() -> Section:
     return Section(
         "objectives",
-        "Objectives x routing: SimCLR, BYOL, VICReg with e2e, greedy, LoCo",
+        "Objectives x routing: SimCLR, BYOL, VICReg with e2e, greedy, LoCo; every pair checked",
         "compare_objectives",
         "results_objectives.png",
-        tuple(objective_variant(r, o) for o in OBJECTIVES for r in ROUTINGS),
+        (*(objective_variant(r, o) for o in OBJECTIVES for r in ROUTINGS), *pair_rows()),
         reference=False,
         bench=False,
         floor_home="methods",
-        about="routing {e2e, greedy, loco} x objective {simclr, byol, vicreg} x 2 seeds",
+        about="routing {e2e, greedy, loco} x objective {simclr, byol, vicreg} x 2 seeds; "
+        "the other routing x objective pairs (mocov3, barlow; infopro) at seed 0",
     )
 
 
