@@ -17,6 +17,8 @@ from loco.compare.sections import ALL_OBJECTIVES, ALL_ROUTINGS, OBJECTIVES, ROUT
 # collapse floor: mean per-dimension std of the L2-normalised last-stage features, x sqrt(dim)
 # (1 = spread like a uniform distribution on the sphere; a collapsed encoder gives ~0)
 SPREAD_FLOOR = 0.05
+# ... and a run's last-stage kNN must beat the random-init floor of its seed by this many points
+FLOOR_MARGIN = 1.0
 
 
 def gap(summary: dict[str, Any], a: str, b: str, readout: str) -> tuple[float, float] | None:
@@ -69,9 +71,26 @@ def grid(summary: dict[str, Any], readout: str) -> list[str]:
     return out
 
 
+def floor_knn(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The random-init floor's kNN per seed and stage."""
+    seeds = summary["methods"].get(FLOOR, {}).get("seeds", {})
+    return {seed: rec.get("knn", {}) for seed, rec in seeds.items()}
+
+
+def collapse_check(
+    rec: dict[str, Any], floor: dict[str, float]
+) -> tuple[str | None, float | None, bool]:
+    """The two collapse tests of one run (one seed): its last stage, its kNN there minus the
+    same seed's floor (None without either), and whether its feature spread clears the floor."""
+    knn = rec.get("knn", {})
+    last = max(knn, key=int) if knn else None
+    margin = knn[last] - floor[last] if last is not None and last in floor else None
+    return last, margin, rec["feature_spread"]["mean"] >= SPREAD_FLOOR
+
+
 def pair_grid(summary: dict[str, Any]) -> list[str]:
     """Every routing x objective at seed 0: last-stage kNN and feature spread, or why not."""
-    floor = summary["methods"].get(FLOOR, {}).get("seeds", {}).get("0", {}).get("knn", {})
+    floor = floor_knn(summary).get("0", {})
     out = [
         "| routing | " + " | ".join(f"`{o}`" for o in ALL_OBJECTIVES) + " |",
         "|---|" + "---|" * len(ALL_OBJECTIVES),
@@ -80,44 +99,39 @@ def pair_grid(summary: dict[str, Any]) -> list[str]:
         cells = []
         for o in ALL_OBJECTIVES:
             rec = summary["methods"].get(f"{r}_{o}", {}).get("seeds", {}).get("0", {})
-            knn, spread = rec.get("knn"), rec.get("feature_spread")
             if (r, o) == ("infopro", "simclr"):
                 cells.append("the methods section's `infopro` row")
-            elif not knn or not spread:
+            elif not rec.get("knn") or not rec.get("feature_spread"):
                 cells.append("-")
             else:
-                last = max(knn, key=int)
-                margin = knn[last] - floor[last] if last in floor else None
-                ok = spread["mean"] >= SPREAD_FLOOR and (margin is None or margin > 1)
+                last, margin, spread_ok = collapse_check(rec, floor)
+                ok = spread_ok and (margin is None or margin > FLOOR_MARGIN)
                 above = f", floor {margin:+.1f}" if margin is not None else ""
                 cells.append(
-                    f"{knn[last]:.1f} ({spread['mean']:.2f}{above}) {'ok' if ok else '**NO**'}"
+                    f"{rec['knn'][last]:.1f} ({rec['feature_spread']['mean']:.2f}{above}) "
+                    f"{'ok' if ok else '**NO**'}"
                 )
         out.append(f"| `{r}` | " + " | ".join(cells) + " |")
     return out
 
 
 def collapse_rows(summary: dict[str, Any]) -> list[str]:
-    floor_knn = {
-        s: r.get("knn", {}) for s, r in summary["methods"].get(FLOOR, {}).get("seeds", {}).items()
-    }
+    floors = floor_knn(summary)
     rows = []
     for name, m in summary["methods"].items():
         for seed, rec in m.get("seeds", {}).items():
             spread = rec.get("feature_spread")
             if not spread:
                 continue
-            knn = rec.get("knn", {})
-            last = max(knn, key=int) if knn else None
-            fl = floor_knn.get(seed, {}).get(last) if last else None
+            last, margin, spread_ok = collapse_check(rec, floors.get(seed, {}))
             beats = (
                 "-"
-                if name == FLOOR or fl is None or last is None
-                else ("yes" if knn[last] > fl + 1 else "NO")
+                if name == FLOOR or margin is None
+                else ("yes" if margin > FLOOR_MARGIN else "NO")
             )
             logged = ", ".join(f"{k} {v:.3g}" for k, v in rec.get("logged_std", {}).items()) or "-"
-            top1 = f"{knn[last]:.1f}" if last else "-"
-            ok = name == FLOOR or spread["mean"] >= SPREAD_FLOOR
+            top1 = f"{rec['knn'][last]:.1f}" if last else "-"
+            ok = name == FLOOR or spread_ok
             rows.append(
                 f"| `{name}` | {seed} | {spread['mean']:.3f} | {100 * spread['dead']:.0f} % | "
                 f"{logged} | {top1} | {beats} | "
